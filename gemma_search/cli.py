@@ -1,0 +1,292 @@
+"""gemma-search: hyperparameter search for LoRA fine-tuning of Gemma 2.
+
+    gemma-search demo                                   # the whole flow on CPU, ~2 minutes
+    gemma-search create studies/sst2_gemma2_9b.yaml     # validate a spec, create the study
+    gemma-search launch sst2-gemma2-9b --workers 8      # N worker processes on this machine
+    gemma-search worker sst2-gemma2-9b                  # one worker (one per GPU)
+    gemma-search status sst2-gemma2-9b                  # trials by state, best, running
+    gemma-search export sst2-gemma2-9b --out best/      # best config for standard tools
+
+Storage: --storage URL, else $GEMMA_SEARCH_STORAGE, else the spec's storage.url (create), else
+sqlite:///gemma_search.db. Errors you can fix print one line and exit with code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from gemma_search.errors import GemmaSearchError
+
+app = typer.Typer(help="Hyperparameter search for LoRA fine-tuning of Gemma 2.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+StorageOpt = Annotated[str | None, typer.Option(
+    "--storage", help="Storage URL (default: $GEMMA_SEARCH_STORAGE or sqlite:///gemma_search.db)",
+    show_default=False)]
+StudyArg = Annotated[str, typer.Argument(help="Study name (the spec's `name`).")]
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep library progress bars and load reports out of one-line errors and tables."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _user_errors(fn: F) -> F:
+    """Print a GemmaSearchError as one line on stderr and exit 1; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GemmaSearchError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@_user_errors
+def create(
+    spec_path: Annotated[Path, typer.Argument(help="Study spec YAML (see studies/).")],
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a spec key: --set search.lora_r=8 (repeatable).")] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Validate a spec, check its data, and create its study in the storage."""
+    from gemma_search.spec import load_spec
+    from gemma_search.storage import redact, resolve_storage_url
+    from gemma_search.study import check_data, create_study
+
+    spec = load_spec(spec_path, overrides or [])
+    check_data(spec)
+    url = resolve_storage_url(storage, spec.storage.url)
+    create_study(spec, url)
+    typer.echo(f"study {spec.name!r} is ready in {redact(url)}; start workers with "
+               f"`gemma-search launch {spec.name}`")
+
+
+@app.command()
+@_user_errors
+def worker(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    index: Annotated[int, typer.Option(help="Worker index (offsets the sampler seed).")] = 0,
+) -> None:
+    """Run trials of a study until its budget is spent (one worker per GPU)."""
+    from gemma_search.storage import resolve_storage_url
+    from gemma_search.worker import run_worker
+
+    ran = run_worker(study, resolve_storage_url(storage), index=index)
+    typer.echo(f"worker {index}: ran {ran} trials; study budget spent")
+
+
+@app.command()
+@_user_errors
+def launch(
+    study: StudyArg,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes to start.")] = 1,
+    storage: StorageOpt = None,
+) -> None:
+    """Start N workers on this machine, show progress, wait for them."""
+    from gemma_search.storage import resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    code = _launch_with_progress(study, url, workers)
+    if code != 0:
+        raise GemmaSearchError(f"a worker of study {study!r} exited with code {code}; see its "
+                               "output above")
+
+
+@app.command()
+@_user_errors
+def status(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Trial counts by state, the best value and params, running trials."""
+    from rich.console import Console
+
+    from gemma_search.status import render_status, study_status
+    from gemma_search.storage import resolve_storage_url
+    from gemma_search.study import load_study
+
+    loaded, spec = load_study(study, resolve_storage_url(storage))
+    summary = study_status(loaded, spec)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        Console().print(render_status(summary))
+
+
+@app.command()
+@_user_errors
+def export(
+    study: StudyArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the files to.")],
+    storage: StorageOpt = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Rows of leaderboard.csv.")] = 10,
+) -> None:
+    """Write the best trial as best_config.yaml, training_args.json, lora_config.json, ..."""
+    from gemma_search.export import export_study
+    from gemma_search.storage import resolve_storage_url
+
+    paths = export_study(study, resolve_storage_url(storage), out, top_k=top_k)
+    for path in paths.values():
+        typer.echo(str(path))
+
+
+@app.command("make-tiny-model")
+@_user_errors
+def make_tiny_model_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to save model and tokenizer in.")],
+    text_file: Annotated[list[Path] | None, typer.Option(
+        "--text", help="Text or JSONL files to train the tokenizer on (default: demo text).")
+    ] = None,
+) -> None:
+    """Build a tiny Gemma 2 (2 layers, soft-caps on) and a tokenizer; save_pretrained both."""
+    from gemma_search.demo import demo_sentences
+    from gemma_search.tiny import make_tiny_model
+
+    texts: list[str] = []
+    for path in text_file or []:
+        if not path.is_file():
+            raise GemmaSearchError(f"--text file {path} does not exist")
+        texts += path.read_text(errors="replace").splitlines()
+    if not texts:
+        texts = [row["text"] for row in demo_sentences(2000, seed=0)]
+    typer.echo(str(make_tiny_model(out_dir, texts)))
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Annotated[Path, typer.Option("--dir", help="Where model, data, DB go.")] = Path(
+        "demo-run"),
+    spec_path: Annotated[Path, typer.Option("--spec", help="Demo spec.")] = Path(
+        "studies/demo_tiny.yaml"),
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+    trials: Annotated[int, typer.Option(min=1, help="budget.max_trials")] = 12,
+) -> None:
+    """The whole flow on CPU: tiny Gemma 2, generated data, SQLite, 2 workers, export."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from gemma_search.demo import write_demo_data
+    from gemma_search.export import export_study
+    from gemma_search.spec import load_spec
+    from gemma_search.study import check_data, create_study
+    from gemma_search.tiny import make_tiny_model
+
+    console = Console()
+    workdir = workdir.resolve()
+    console.rule("1. data and a tiny Gemma 2")
+    train, validation = write_demo_data(workdir / "data")
+    texts = [json.loads(line)["text"] for line in train.read_text().splitlines()]
+    model_dir = make_tiny_model(workdir / "tiny-gemma2", texts)
+    console.print(f"data: {train}, {validation}\nmodel: {model_dir}")
+
+    console.rule("2. study")
+    db = workdir / "demo.db"
+    db.unlink(missing_ok=True)  # the demo's own database: start afresh each run
+    url = f"sqlite:///{db}"
+    spec = load_spec(spec_path, [f"model.name_or_path={model_dir}", f"data.train={train}",
+                                 f"data.validation={validation}", f"storage.url={url}",
+                                 f"budget.max_trials={trials}"])
+    check_data(spec)
+    create_study(spec, url)
+    console.print(f"study {spec.name!r} in {url}: up to {trials} trials, pruner "
+                  f"{spec.pruner.type}, sampler {spec.sampler.type}")
+
+    console.rule(f"3. search with {workers} workers")
+    code = _launch_with_progress(spec.name, url, workers)
+    if code != 0:
+        raise GemmaSearchError(f"a demo worker exited with code {code}; see its output above")
+
+    console.rule("4. leaderboard")
+    _print_leaderboard(console, spec.name, url)
+    console.rule("5. export")
+    paths = export_study(spec.name, url, workdir / "export")
+    console.print(Syntax(paths["best_config.yaml"].read_text(), "yaml"))
+    console.print("exported: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _launch_with_progress(study: str, url: str, workers: int) -> int:
+    """Run `launch` with a live progress bar fed from the storage."""
+    from optuna.trial import TrialState
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gemma_search.study import load_study
+    from gemma_search.worker import launch
+
+    loaded, spec = load_study(study, url)
+    total = spec.budget.max_trials
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn()) as progress:
+        task = progress.add_task(study, total=total, detail="starting workers")
+
+        def poll() -> None:
+            trials = loaded.get_trials(deepcopy=False)
+            done = [t for t in trials if t.state.is_finished()]
+            pruned = sum(t.state == TrialState.PRUNED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            best = ""
+            if any(t.state == TrialState.COMPLETE for t in trials):
+                best = f", best {loaded.best_value:.4g}"
+            progress.update(task, completed=len(done),
+                            detail=f"{running} running, {pruned} pruned{best}")
+
+        return launch(study, url, workers=workers, poll=poll)
+
+
+def _print_leaderboard(console: Any, study: str, url: str) -> None:
+    from rich.table import Table
+
+    from gemma_search.export import leaderboard
+    from gemma_search.spec import TASK_METRICS
+    from gemma_search.status import study_status
+    from gemma_search.study import load_study
+
+    loaded, spec = load_study(study, url)
+    summary = study_status(loaded, spec)
+    counts = ", ".join(f"{n} {s}" for s, n in summary["trials"].items() if n)
+    console.print(f"trials: {counts}")
+    rows = leaderboard(loaded, spec, top_k=5)
+    if not rows:
+        return
+    table = Table(title=f"top {len(rows)} by {spec.objective.metric} ({spec.direction})")
+    metrics = [m for m in TASK_METRICS[spec.task.type] if m != spec.objective.metric]
+    params = [p for p in ("learning_rate", "optimizer", "lora_r") if p in rows[0]]
+    keys = ["rank", "trial", "value", *metrics, *params, "tokens_trained"]
+    for key in keys:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*(_cell(row.get(k)) for k in keys))
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,632 @@
+"""Study specs: YAML -> validated, typed, frozen config objects.
+
+A spec is one search: model, task, data, search space, objective, sampler, pruner, budget and
+storage. `load_spec(path, overrides)` reads the YAML, applies `--set a.b=v` overrides, checks
+every key and value, and returns a `StudySpec`. Every error names the key, the bad value, the
+rule and the fix, e.g. ``search.learning_rate.low is 0.1 but must be < high (0.01)``.
+
+Each field of the `search` section is either a fixed value (``lora_r: 16``), a range
+(``learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}``) or a choice
+(``optimizer: {choices: [adamw, sgd]}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from gemma_search.errors import SpecError
+
+__all__ = [
+    "BudgetSpec",
+    "Choice",
+    "DataSpec",
+    "FloatRange",
+    "IntRange",
+    "ModelSpec",
+    "ObjectiveSpec",
+    "OPTIMIZERS",
+    "PrunerSpec",
+    "SamplerSpec",
+    "SearchSpec",
+    "StorageSpec",
+    "StudySpec",
+    "TaskSpec",
+    "apply_overrides",
+    "dump_spec",
+    "load_spec",
+    "spec_from_dict",
+    "spec_from_text",
+    "spec_hash",
+]
+
+TaskType = Literal["causal_lm", "classification", "regression"]
+OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "adabelief")
+SCHEDULES = ("cosine", "linear", "constant")
+#: Optimizers that use `search.momentum` and `search.adam_beta2` (conditional parameters).
+MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
+ADAM_OPTIMIZERS = ("adamw", "adam", "adabelief")
+
+GEMMA2_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+GEMMA2_MLP = ("gate_proj", "up_proj", "down_proj")
+
+#: Metrics each task computes, and whether larger is better.
+TASK_METRICS: dict[str, dict[str, bool]] = {
+    "causal_lm": {"val_loss": False, "perplexity": False},
+    "classification": {"val_loss": False, "accuracy": True, "macro_f1": True},
+    "regression": {"val_loss": False, "rmse": False, "pearson": True, "spearman": True},
+}
+
+
+# --------------------------------------------------------------------------- search params
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """A float searched between `low` and `high` (log-uniform when `log`)."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """An integer searched between `low` and `high` inclusive."""
+
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical parameter: one of `choices`."""
+
+    choices: tuple[Any, ...]
+
+
+def _param(kind: type, default: Any, doc: str, *, ge: float | None = None,
+           gt: float | None = None, le: float | None = None,
+           one_of: tuple[str, ...] | None = None) -> Any:
+    """A `search` field: its value kind, default, rule and one-line doc in one place."""
+    meta = {"kind": kind, "doc": doc, "ge": ge, "gt": gt, "le": le, "one_of": one_of}
+    return field(default=default, metadata=meta)
+
+
+SearchValue = float | int | str | FloatRange | IntRange | Choice
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """Every training setting of a trial: each fixed, a range or a choice."""
+
+    learning_rate: SearchValue = _param(float, FloatRange(1e-5, 5e-4, log=True),
+                                        "peak learning rate", gt=0)
+    micro_batch_size: SearchValue = _param(int, 4, "examples per forward pass", ge=1)
+    gradient_accumulation_steps: SearchValue = _param(int, 4, "micro-batches per optimizer step",
+                                                      ge=1)
+    epochs: SearchValue = _param(float, 1.0, "passes over the (fractioned) training set", gt=0)
+    optimizer: SearchValue = _param(str, "adamw", "optimizer name", one_of=OPTIMIZERS)
+    momentum: SearchValue = _param(float, 0.9, "momentum (sgd, rmsprop only)", ge=0, le=0.999)
+    adam_beta2: SearchValue = _param(float, 0.999, "second-moment decay (adamw, adam, adabelief)",
+                                     gt=0, le=0.99999)
+    lr_schedule: SearchValue = _param(str, "cosine", "learning-rate schedule", one_of=SCHEDULES)
+    warmup_ratio: SearchValue = _param(float, 0.03, "fraction of steps spent warming up", ge=0,
+                                       le=0.5)
+    weight_decay: SearchValue = _param(float, 0.0, "L2 / decoupled weight decay", ge=0, le=1)
+    l1_penalty: SearchValue = _param(float, 0.0, "L1 penalty on adapter weights", ge=0)
+    lora_dropout: SearchValue = _param(float, 0.05, "dropout on the LoRA input", ge=0, le=0.9)
+    lora_r: SearchValue = _param(int, 16, "LoRA rank", ge=1)
+    lora_alpha: SearchValue = _param(int, 16, "LoRA alpha (scale = alpha / r)", ge=1)
+    lora_targets: SearchValue = _param(str, "all_linear",
+                                       "name of a module set in model.lora_target_modules")
+    early_stopping_patience: SearchValue = _param(int, 0,
+                                                  "evaluations without improvement before "
+                                                  "stopping (0: off)", ge=0)
+    train_fraction: SearchValue = _param(float, 1.0, "fraction of the training set used", gt=0,
+                                         le=1)
+    max_grad_norm: SearchValue = _param(float, 1.0, "gradient clipping norm (0: off)", ge=0)
+    label_smoothing: SearchValue = _param(float, 0.0, "label smoothing (classification)", ge=0,
+                                          le=0.5)
+    token_dropout: SearchValue = _param(float, 0.0,
+                                        "probability of replacing an input token by <unk>",
+                                        ge=0, le=0.5)
+    seed: SearchValue = _param(int, 0, "training seed (adapter init, data order)", ge=0)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _default_targets() -> dict[str, tuple[str, ...]]:
+    return {
+        "attention": GEMMA2_ATTENTION,
+        "all_linear": GEMMA2_ATTENTION + GEMMA2_MLP,
+    }
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The base model and how to load it."""
+
+    name_or_path: str
+    """Hub id (`google/gemma-2-9b`) or a local folder written by `save_pretrained`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); ignored for local folders."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Weights dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
+    attn_implementation: Literal["eager", "flex_attention", "flash_attention_2", "sdpa"] = "eager"
+    """Attention kernel; Gemma 2 needs one that keeps the attention soft-cap (not sdpa)."""
+    lora_target_modules: dict[str, tuple[str, ...]] = field(default_factory=_default_targets)
+    """Named sets of module names LoRA may attach to; `search.lora_targets` picks one."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What is learned and from which columns."""
+
+    type: TaskType
+    """`causal_lm` (SFT, prompt masked), `classification` or `regression`."""
+    text_column: str | None = None
+    """Column holding the input text (or use `prompt_template`)."""
+    prompt_template: str | None = None
+    """Python format string over columns, e.g. `"Review: {sentence}"`."""
+    completion_column: str | None = None
+    """causal_lm: column holding the completion the loss is taken on."""
+    label_column: str = "label"
+    """classification / regression: column holding the label or score."""
+    labels: tuple[str, ...] | None = None
+    """classification: label names; the column holds these names or their indices."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the data is and how it is cut."""
+
+    train: str
+    """Training file (.jsonl/.json/.csv/.tsv/.parquet) or a `save_to_disk` folder."""
+    validation: str | None = None
+    """Validation file or folder; without it `validation_fraction` of train is held out."""
+    validation_fraction: float = 0.1
+    """Share of the training file held out for validation when `validation` is not set."""
+    max_seq_len: int = 512
+    """Tokens per example after truncation."""
+    max_train_examples: int | None = None
+    """Use at most this many training examples (a fixed, seeded subset)."""
+    max_validation_examples: int | None = None
+    """Use at most this many validation examples (a fixed, seeded subset)."""
+    rename_columns: dict[str, str] = field(default_factory=dict)
+    """Columns to rename after reading, e.g. `{content: sentence}` (SST-2's dev file)."""
+    seed: int = 0
+    """Seed of the subset and split choices (the same for every trial)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What the search optimises."""
+
+    metric: str = "val_loss"
+    """Validation metric reported and optimised (see the task's metrics)."""
+    direction: Literal["minimize", "maximize"] | None = None
+    """Inferred from the metric when not set."""
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How Optuna proposes the next configuration."""
+
+    type: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
+    seed: int | None = None
+    n_startup_trials: int = 5
+    """Random trials before the model-based sampler takes over (tpe, gp, cmaes)."""
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    """How weak trials are stopped early."""
+
+    type: Literal["hyperband", "asha", "median", "wilcoxon", "none"] = "hyperband"
+    min_resource: int = 1
+    """hyperband / asha: evaluations before the first rung."""
+    reduction_factor: int = 3
+    """hyperband / asha: keep 1 / reduction_factor of trials at each rung."""
+    n_startup_trials: int = 2
+    """median: finished trials before pruning starts."""
+    n_warmup_steps: int = 1
+    """median: evaluations of a trial before it can be pruned."""
+    p_threshold: float = 0.1
+    """wilcoxon: p-value under which a trial is pruned."""
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """How much compute the study and each trial may use."""
+
+    max_trials: int = 20
+    """Trials for the whole study (all workers together), running ones counted."""
+    max_tokens_per_trial: int | None = None
+    """Stop a trial after this many training tokens (the LR schedule ends there too)."""
+    eval_every_tokens: int | None = None
+    """Evaluate and report after every this many training tokens."""
+    eval_every_steps: int | None = None
+    """Or: evaluate after every this many optimizer steps."""
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """Where the study lives."""
+
+    url: str = "sqlite:///gemma_search.db"
+    """SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB."""
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """One search, validated."""
+
+    name: str
+    model: ModelSpec
+    task: TaskSpec
+    data: DataSpec
+    search: SearchSpec = field(default_factory=SearchSpec)
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = field(default_factory=PrunerSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+
+    @property
+    def direction(self) -> str:
+        """`minimize` or `maximize`, inferred from the metric unless set."""
+        if self.objective.direction is not None:
+            return self.objective.direction
+        bigger_is_better = TASK_METRICS[self.task.type][self.objective.metric]
+        return "maximize" if bigger_is_better else "minimize"
+
+
+# --------------------------------------------------------------------------- loading
+
+#: Keys whose values are paths; relative ones are resolved against the spec file's folder
+#: (or the working directory, for `--set` overrides).
+_PATH_KEYS = (("data", "train"), ("data", "validation"), ("model", "name_or_path"))
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
+    """Read a YAML spec file, apply `key.path=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist; pass the path of a study YAML "
+                        "(see studies/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"spec file {path} is not valid YAML{where}: "
+                        f"{getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec file {path} must hold a mapping of sections (name, model, task, "
+                        f"data, ...), not {type(raw).__name__}")
+    _resolve_paths(raw, path.resolve().parent, only_existing_for_model=True)
+    raw = apply_overrides(raw, overrides)
+    return spec_from_dict(raw)
+
+
+def spec_from_text(text: str) -> StudySpec:
+    """Validate a spec from YAML text (as stored with a study); paths must be absolute."""
+    return spec_from_dict(yaml.safe_load(text))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `a.b.c=value` set; the value is parsed as YAML."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item!r} must look like key.path=value, e.g. "
+                            "--set search.lora_r=8")
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {key}: {part} holds a value, not a section")
+            node = child
+        value = yaml.safe_load(text) if text.strip() else None
+        if tuple(parts) in _PATH_KEYS and isinstance(value, str):
+            value = _resolve_one(value, Path.cwd(), only_existing=parts[0] == "model")
+        node[parts[-1]] = value
+    return raw
+
+
+def spec_from_dict(raw: Any) -> StudySpec:
+    """Validate a plain mapping into a `StudySpec` (the loader's second half)."""
+    if not isinstance(raw, dict):
+        raise SpecError("a study spec must be a mapping with sections name, model, task, data, "
+                        "search, objective, sampler, pruner, budget, storage")
+    spec = _build(StudySpec, raw, "")
+    _check_rules(spec)
+    return spec
+
+
+def dump_spec(spec: StudySpec) -> str:
+    """The spec as YAML text that `spec_from_text` loads back to an equal spec."""
+    return yaml.safe_dump(_to_plain(spec), sort_keys=False, default_flow_style=False)
+
+
+def spec_hash(spec: StudySpec) -> str:
+    """sha256 of the canonical YAML dump: equal specs, equal hashes."""
+    return hashlib.sha256(dump_spec(spec).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _resolve_one(value: str, base: Path, *, only_existing: bool) -> str:
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    if only_existing and not candidate.exists():
+        return value  # a hub id such as google/gemma-2-9b
+    return str(candidate.resolve())
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path, *, only_existing_for_model: bool) -> None:
+    for section, key in _PATH_KEYS:
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = _resolve_one(node[key], base,
+                                     only_existing=only_existing_for_model and section == "model")
+
+
+def _where(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from mapping `raw`, rejecting unknown keys by name."""
+    label = path or "the spec"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{label} must be a mapping of keys, not {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(fields)}"
+            raise SpecError(f"{_where(path, str(key))} is not a known key; {hint}")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        where = _where(path, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(f"{where} is missing; add it to the spec")
+            continue
+        if cls is SearchSpec:
+            values[name] = _parse_search(raw[name], f.metadata, where)
+        else:
+            values[name] = _parse(hints[name], raw[name], where)
+    return cls(**values)
+
+
+def _parse(tp: Any, value: Any, where: str) -> Any:
+    """Coerce `value` to annotation `tp`, or raise a SpecError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)  # type: ignore[arg-type]
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(inner[0], value, where) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise SpecError(f"{where} is {value!r} but must be one of: "
+                            f"{', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise SpecError(f"{where} is {value!r} but must be a list")
+        return tuple(_parse(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where} is {value!r} but must be a mapping")
+        return {str(k): _parse(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if tp in (int, float, str, bool):
+        return _scalar(tp, value, where)
+    raise TypeError(f"unsupported spec annotation {tp!r} at {where}")  # a bug, not user input
+
+
+def _scalar(kind: type, value: Any, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise SpecError(f"{where} is {value!r} but must be true or false")
+    if kind is str:
+        if isinstance(value, str) and value:
+            return value
+        raise SpecError(f"{where} is {value!r} but must be a non-empty string")
+    if isinstance(value, bool):
+        raise SpecError(f"{where} is {value!r} but must be a number")
+    if kind is int:
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+        raise SpecError(f"{where} is {value!r} but must be an integer")
+    # float: PyYAML reads 1e-5 (no dot) as a string, so accept numeric strings.
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{where} is {value!r} but must be a number") from None
+    if not math.isfinite(number):
+        raise SpecError(f"{where} is {value!r} but must be a finite number")
+    return number
+
+
+def _check_bounds(value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
+    if meta["one_of"] is not None and value not in meta["one_of"]:
+        raise SpecError(f"{where} is {value!r} but must be one of: {', '.join(meta['one_of'])}")
+    if meta["gt"] is not None and not value > meta["gt"]:
+        raise SpecError(f"{where} is {value!r} but must be > {meta['gt']}")
+    if meta["ge"] is not None and not value >= meta["ge"]:
+        raise SpecError(f"{where} is {value!r} but must be >= {meta['ge']}")
+    if meta["le"] is not None and not value <= meta["le"]:
+        raise SpecError(f"{where} is {value!r} but must be <= {meta['le']}")
+
+
+def _parse_search(value: Any, meta: typing.Mapping[str, Any], where: str) -> SearchValue:
+    """A search field: fixed scalar, {low, high, log, step} range, or {choices: [...]}."""
+    kind = meta["kind"]
+    if not isinstance(value, dict):
+        fixed = _scalar(kind, value, where)
+        _check_bounds(fixed, meta, where)
+        return fixed  # type: ignore[no-any-return]
+    keys = set(value)
+    if "choices" in keys:
+        if keys != {"choices"}:
+            raise SpecError(f"{where} mixes choices with {sorted(keys - {'choices'})}; "
+                            "give either {choices: [...]} or {low, high}")
+        items = value["choices"]
+        if not isinstance(items, list) or not items:
+            raise SpecError(f"{where}.choices is {items!r} but must be a non-empty list")
+        parsed = tuple(_scalar(kind, v, f"{where}.choices[{i}]") for i, v in enumerate(items))
+        for i, v in enumerate(parsed):
+            _check_bounds(v, meta, f"{where}.choices[{i}]")
+        if len(set(parsed)) != len(parsed):
+            raise SpecError(f"{where}.choices has duplicates: {list(parsed)}")
+        return Choice(parsed)
+    if kind is str:
+        raise SpecError(f"{where} is {value!r} but must be a value or {{choices: [...]}}")
+    allowed = {"low", "high", "log", "step"}
+    for key in keys - allowed:
+        close = difflib.get_close_matches(str(key), allowed | {"choices"}, n=1)
+        hint = f"did you mean {close[0]}?" if close else "use low, high, log, step or choices"
+        raise SpecError(f"{where}.{key} is not a known key; {hint}")
+    for key in ("low", "high"):
+        if key not in value:
+            raise SpecError(f"{where}.{key} is missing; a range needs low and high")
+    low = _scalar(kind, value["low"], f"{where}.low")
+    high = _scalar(kind, value["high"], f"{where}.high")
+    log = _scalar(bool, value.get("log", False), f"{where}.log")
+    _check_bounds(low, meta, f"{where}.low")
+    _check_bounds(high, meta, f"{where}.high")
+    if not low < high:
+        raise SpecError(f"{where}.low is {low} but must be < high ({high}); "
+                        "for a fixed value write the value alone")
+    if log and low <= 0:
+        raise SpecError(f"{where}.low is {low} but a log range needs low > 0")
+    step = value.get("step")
+    if step is not None:
+        step = _scalar(kind, step, f"{where}.step")
+        if step <= 0:
+            raise SpecError(f"{where}.step is {step} but must be > 0")
+        if log:
+            raise SpecError(f"{where} sets both log and step; Optuna allows only one of them")
+    if kind is int:
+        return IntRange(low, high, log, step if step is not None else 1)
+    return FloatRange(low, high, log, step)
+
+
+def _values(value: SearchValue) -> tuple[Any, ...]:
+    if isinstance(value, Choice):
+        return value.choices
+    if isinstance(value, FloatRange | IntRange):
+        return ()
+    return (value,)
+
+
+def _check_rules(spec: StudySpec) -> None:
+    """Rules that span keys or sections."""
+    task, data, budget, search = spec.task, spec.data, spec.budget, spec.search
+    if (task.type in ("classification", "regression") and task.text_column is None
+            and task.prompt_template is None):
+        raise SpecError(f"task.text_column is missing; a {task.type} task needs "
+                            "task.text_column or task.prompt_template")
+    if task.type == "classification" and (task.labels is None or len(task.labels) < 2):
+        raise SpecError(f"task.labels is {list(task.labels or [])} but a classification task "
+                        "needs at least two label names, e.g. [negative, positive]")
+    if task.type == "causal_lm":
+        if task.completion_column is None and task.text_column is None:
+            raise SpecError("task.completion_column is missing; a causal_lm task needs "
+                            "task.prompt_template + task.completion_column (prompt masked) "
+                            "or task.text_column (loss on all tokens)")
+        if task.completion_column is not None and task.prompt_template is None:
+            raise SpecError("task.prompt_template is missing; it renders the prompt that "
+                            "precedes task.completion_column")
+    metrics = TASK_METRICS[task.type]
+    if spec.objective.metric not in metrics:
+        raise SpecError(f"objective.metric is {spec.objective.metric!r} but a {task.type} task "
+                        f"reports: {', '.join(metrics)}")
+    if spec.model.attn_implementation == "sdpa":
+        raise SpecError("model.attn_implementation is 'sdpa', which silently drops Gemma 2's "
+                        "attention soft-cap; use eager, flex_attention or flash_attention_2")
+    if not 0 < data.validation_fraction < 1:
+        raise SpecError(f"data.validation_fraction is {data.validation_fraction} but must be "
+                        "between 0 and 1 (exclusive)")
+    for key in ("max_seq_len", "max_train_examples", "max_validation_examples"):
+        value = getattr(data, key)
+        if value is not None and value < 2:
+            raise SpecError(f"data.{key} is {value} but must be >= 2")
+    if budget.max_trials < 1:
+        raise SpecError(f"budget.max_trials is {budget.max_trials} but must be >= 1")
+    if (budget.eval_every_tokens is None) == (budget.eval_every_steps is None):
+        raise SpecError("budget.eval_every_tokens and budget.eval_every_steps: set exactly one "
+                        "(evaluations happen, and are reported to the pruner, at those points)")
+    for key in ("eval_every_tokens", "eval_every_steps", "max_tokens_per_trial"):
+        value = getattr(budget, key)
+        if value is not None and value < 1:
+            raise SpecError(f"budget.{key} is {value} but must be >= 1")
+    if spec.pruner.min_resource < 1 or spec.pruner.reduction_factor < 2:
+        raise SpecError("pruner.min_resource must be >= 1 and pruner.reduction_factor >= 2; "
+                        f"got {spec.pruner.min_resource} and {spec.pruner.reduction_factor}")
+    for name in _values(search.lora_targets):
+        if name not in spec.model.lora_target_modules:
+            raise SpecError(f"search.lora_targets is {name!r} but model.lora_target_modules "
+                            f"defines: {', '.join(spec.model.lora_target_modules)}")
+    if task.type != "classification" and any(v > 0 for v in _values(search.label_smoothing)):
+        raise SpecError(f"search.label_smoothing applies to classification only; remove it "
+                        f"from this {task.type} spec")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Choice):
+        return {"choices": list(value.choices)}
+    if isinstance(value, FloatRange | IntRange):
+        out: dict[str, Any] = {"low": value.low, "high": value.high}
+        if value.log:
+            out["log"] = True
+        if isinstance(value, FloatRange) and value.step is not None:
+            out["step"] = value.step
+        if isinstance(value, IntRange) and value.step != 1:
+            out["step"] = value.step
+        return out
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value

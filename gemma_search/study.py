@@ -1,0 +1,151 @@
+"""Create and load studies: an Optuna study plus the validated spec it was made from.
+
+The spec text and its hash are stored with the study, so every worker, `status` and `export`
+use the very spec the study was created with, whatever file sits on their disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gemma_search.errors import StorageError, StudyNotFoundError
+from gemma_search.spec import StudySpec, dump_spec, spec_from_text, spec_hash
+from gemma_search.storage import open_storage, redact
+
+__all__ = [
+    "SPEC_HASH_ATTR",
+    "SPEC_TEXT_ATTR",
+    "budget_used",
+    "build_pruner",
+    "build_sampler",
+    "check_data",
+    "create_study",
+    "load_study",
+    "split_args",
+]
+
+SPEC_TEXT_ATTR = "gemma_search_spec"
+SPEC_HASH_ATTR = "gemma_search_spec_hash"
+
+
+def create_study(spec: StudySpec, url: str) -> Any:
+    """Create the study for `spec` in `url`; an identical existing study is reused."""
+    import optuna
+
+    storage = open_storage(url)
+    text, digest = dump_spec(spec), spec_hash(spec)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    if spec.name in names:
+        existing = optuna.load_study(study_name=spec.name, storage=storage)
+        if existing.user_attrs.get(SPEC_HASH_ATTR) != digest:
+            raise StorageError(f"study {spec.name!r} already exists in {redact(url)} with a "
+                               "different spec; change `name` in the spec (or --set name=NEW)")
+        return existing
+    study = optuna.create_study(study_name=spec.name, storage=storage,
+                                direction=spec.direction)
+    study.set_user_attr(SPEC_TEXT_ATTR, text)
+    study.set_user_attr(SPEC_HASH_ATTR, digest)
+    return study
+
+
+def load_study(name: str, url: str, *, heartbeat: bool = False,
+               worker_index: int = 0) -> tuple[Any, StudySpec]:
+    """The named study with the sampler and pruner its stored spec asks for."""
+    import optuna
+
+    storage = open_storage(url, must_exist=True, heartbeat=heartbeat)
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    if name not in names:
+        known = ", ".join(names) if names else "none"
+        raise StudyNotFoundError(f"study {name!r} does not exist in {redact(url)} (studies "
+                                 f"there: {known}); create it with `gemma-search create SPEC`")
+    probe = optuna.load_study(study_name=name, storage=storage)
+    text = probe.user_attrs.get(SPEC_TEXT_ATTR)
+    if text is None:
+        raise StorageError(f"study {name!r} in {redact(url)} was not created by gemma-search "
+                           "(it has no stored spec); create one with `gemma-search create SPEC`")
+    spec = spec_from_text(text)
+    study = optuna.load_study(study_name=name, storage=storage,
+                              sampler=build_sampler(spec, worker_index),
+                              pruner=build_pruner(spec))
+    return study, spec
+
+
+def build_sampler(spec: StudySpec, worker_index: int = 0) -> Any:
+    """The spec's sampler. Each worker's seed is offset by its index: equal seeds in parallel
+    workers would propose the same configurations."""
+    import optuna
+
+    s = spec.sampler
+    seed = None if s.seed is None else s.seed + worker_index
+    if s.type == "tpe":
+        # constant_liar: running trials count as bad guesses, so parallel workers spread out.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                          multivariate=True, group=True, constant_liar=True)
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.type == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                        warn_independent_sampling=False)
+
+
+def build_pruner(spec: StudySpec) -> Any:
+    """The spec's pruner; steps are evaluation numbers (1, 2, ...) at fixed token counts."""
+    import optuna
+
+    p, b = spec.pruner, spec.budget
+    if p.type == "hyperband":
+        max_resource: int | str = "auto"
+        if b.max_tokens_per_trial is not None and b.eval_every_tokens is not None:
+            max_resource = max(p.min_resource + 1, b.max_tokens_per_trial // b.eval_every_tokens)
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource,
+                                              max_resource=max_resource,
+                                              reduction_factor=p.reduction_factor)
+    if p.type == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource,
+                                                      reduction_factor=p.reduction_factor)
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials,
+                                           n_warmup_steps=p.n_warmup_steps)
+    if p.type == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold)
+    return optuna.pruners.NopPruner()
+
+
+def budget_used(trials: list[Any]) -> int:
+    """Trials that count against `budget.max_trials`: running and waiting ones included.
+
+    A failed trial that was re-queued (its number is in a later trial's `retry_history`) is
+    counted once, through its retry.
+    """
+    from optuna.trial import TrialState
+
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+
+
+def split_args(spec: StudySpec) -> dict[str, Any]:
+    """The spec's data and task sections as `train.data.read_splits` arguments."""
+    task, data = spec.task, spec.data
+    return {
+        "task": task.type,
+        "train_path": data.train,
+        "validation_path": data.validation,
+        "validation_fraction": data.validation_fraction,
+        "text_column": task.text_column,
+        "prompt_template": task.prompt_template,
+        "completion_column": task.completion_column,
+        "label_column": task.label_column,
+        "max_train_examples": data.max_train_examples,
+        "max_validation_examples": data.max_validation_examples,
+        "rename_columns": data.rename_columns,
+        "seed": data.seed,
+    }
+
+
+def check_data(spec: StudySpec) -> None:
+    """Read the spec's data files and check their columns: bad data fails before a write."""
+    from gemma_search.train.data import read_splits
+
+    read_splits(**split_args(spec))

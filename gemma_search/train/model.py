@@ -1,0 +1,135 @@
+"""Load the base model once, attach fresh LoRA adapters per trial, detach them after.
+
+Loading Gemma 2 9B takes 15 s from page cache and minutes from network disk (DESIGN
+decision 6), so a worker keeps the base resident and only adapters come and go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gemma_search.errors import TrainingError, first_line
+
+__all__ = ["BaseModel", "attach_lora", "detach_lora", "load_base_model", "resolve_dtype"]
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model and tokenizer, resident for the life of a worker."""
+
+    model: Any
+    tokenizer: Any
+    task: str
+    device: Any
+    head_state: dict[str, Any]
+    """Initial weights of the classification/regression head, restored after each trial."""
+
+
+def resolve_dtype(dtype: str, device_type: str) -> Any:
+    """`auto` is bfloat16 on GPU and float32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_base_model(
+    *,
+    name_or_path: str,
+    revision: str | None,
+    task: str,
+    num_labels: int,
+    dtype: str,
+    attn_implementation: str,
+    device: Any,
+) -> BaseModel:
+    """`from_pretrained` on a hub id or a local folder; the same path for 9B and tiny."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if attn_implementation == "sdpa":
+        raise TrainingError("model.attn_implementation is 'sdpa', which drops Gemma 2's "
+                            "attention soft-cap; use eager, flex_attention or flash_attention_2")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"model.name_or_path {name_or_path!r} has no loadable tokenizer: "
+                            f"{first_line(exc)}; give a local folder written by "
+                            "save_pretrained or a hub id you can access (huggingface-cli "
+                            "login)") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "dtype": resolve_dtype(dtype, device.type),
+        "attn_implementation": attn_implementation,
+    }
+    # The classification/regression head is missing from the checkpoint and initialised at
+    # random: seed it, so that every worker of a study starts its trials from the same head.
+    torch.manual_seed(0)
+    try:
+        if task == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path,
+                num_labels=num_labels,
+                problem_type="regression" if task == "regression" else
+                "single_label_classification",
+                **kwargs,
+            )
+    except (OSError, ValueError, ImportError) as exc:
+        raise TrainingError(f"model.name_or_path {name_or_path!r} cannot be loaded: "
+                            f"{first_line(exc)}") from None
+    # The sequence-classification head pools the last non-pad token: it must know the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False)
+    model.to(device)
+    head = _head(model)
+    head_state = {k: v.detach().clone() for k, v in head.state_dict().items()} if head else {}
+    return BaseModel(model=model, tokenizer=tokenizer, task=task, device=device,
+                     head_state=head_state)
+
+
+def attach_lora(base: BaseModel, *, r: int, alpha: int, dropout: float,
+                target_modules: Sequence[str]) -> Any:
+    """Wrap the resident model with fresh LoRA adapters (the head trains too, for cls/reg)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task_type = TaskType.CAUSAL_LM if base.task == "causal_lm" else TaskType.SEQ_CLS
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules), task_type=task_type, bias="none")
+    try:
+        return get_peft_model(base.model, config)
+    except ValueError as exc:
+        raise TrainingError(f"search.lora_targets {list(target_modules)} do not fit this model: "
+                            f"{first_line(exc)}") from None
+
+
+def detach_lora(base: BaseModel, peft_model: Any) -> None:
+    """Remove the adapters and restore the head, leaving the base as it was loaded."""
+    import torch
+
+    model = peft_model.unload()
+    if model is not base.model:
+        raise RuntimeError("peft unload returned a different module than the resident base")
+    head = _head(model)
+    if head is not None:
+        with torch.no_grad():
+            for name, tensor in head.state_dict().items():
+                tensor.copy_(base.head_state[name])
+        head.requires_grad_(False)
+    model.requires_grad_(False)
+
+
+def _head(model: Any) -> Any:
+    """The task head that LoRA's SEQ_CLS mode trains in full (Gemma 2 calls it `score`)."""
+    return getattr(model, "score", None)
+

@@ -1,0 +1,30 @@
+"""The seam between training and whatever decides to stop it (Optuna, in practice)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+__all__ = ["NullReporter", "Reporter"]
+
+
+class Reporter(Protocol):
+    """Receives the validation value at fixed points and answers whether to stop."""
+
+    def report(self, step: int, value: float) -> None:
+        """Record `value` of the objective metric at evaluation number `step` (1-based)."""
+
+    def should_prune(self) -> bool:
+        """True when the run should stop now because it looks weak."""
+
+
+class NullReporter:
+    """A reporter that never prunes: for plain training runs and tests."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, float] = {}
+
+    def report(self, step: int, value: float) -> None:
+        self.values[step] = value
+
+    def should_prune(self) -> bool:
+        return False

@@ -1,0 +1,153 @@
+"""The CLI: bad input is one line and exit code 1, with nothing written to the storage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gemma_search.cli import app
+
+from .conftest import demo_spec_text, write_spec
+
+runner = CliRunner()
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output  # click mixes stderr into output
+
+
+def assert_one_line_error(code: int, out: str, *fragments: str) -> None:
+    assert code == 1, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in out
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> Path:
+    return write_spec(tmp_path / "spec.yaml", demo_spec_text("cli", tiny_model, *demo_data))
+
+
+def test_create_unknown_key_writes_nothing(tmp_path: Path, spec_file: Path) -> None:
+    db = tmp_path / "s.db"
+    code, out = run("create", str(spec_file), "--set", "search.learning_rat=0.1",
+                    "--storage", f"sqlite:///{db}")
+    assert_one_line_error(code, out, "search.learning_rat is not a known key",
+                          "did you mean learning_rate")
+    assert not db.exists()
+
+
+def test_create_bad_range_and_log_range(tmp_path: Path, spec_file: Path) -> None:
+    db = tmp_path / "s.db"
+    code, out = run("create", str(spec_file), "--set",
+                    "search.learning_rate={low: 0.1, high: 0.01}", "--storage", f"sqlite:///{db}")
+    assert_one_line_error(code, out, "search.learning_rate.low is 0.1 but must be < high (0.01)")
+    code, out = run("create", str(spec_file), "--set",
+                    "search.weight_decay={low: 0, high: 0.1, log: true}",
+                    "--storage", f"sqlite:///{db}")
+    assert_one_line_error(code, out, "log range needs low > 0")
+    assert not db.exists()
+
+
+def test_create_missing_and_unparsable_data(tmp_path: Path, spec_file: Path) -> None:
+    db = tmp_path / "s.db"
+    code, out = run("create", str(spec_file), "--set", f"data.train={tmp_path / 'no.jsonl'}",
+                    "--storage", f"sqlite:///{db}")
+    assert_one_line_error(code, out, f"data.train file {tmp_path / 'no.jsonl'} does not exist")
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b"text,label\n\"unclosed,1\n" + b"\x00\xff" * 10)
+    code, out = run("create", str(spec_file), "--set", f"data.train={broken}",
+                    "--storage", f"sqlite:///{db}")
+    assert code == 1 and "Traceback" not in out
+    assert str(broken) in out
+    assert not db.exists()
+
+
+def test_create_task_columns_missing(tmp_path: Path, spec_file: Path) -> None:
+    db = tmp_path / "s.db"
+    code, out = run("create", str(spec_file), "--set", "task.text_column=review",
+                    "--storage", f"sqlite:///{db}")
+    assert_one_line_error(code, out, "has no column 'review' (named by task.text_column)")
+    code, out = run("create", str(spec_file), "--set", "task.text_column=null",
+                    "--storage", f"sqlite:///{db}")
+    assert_one_line_error(code, out, "task.text_column is missing")
+    assert not db.exists()
+
+
+def test_empty_validation_split(tmp_path: Path, spec_file: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    db = tmp_path / "s.db"
+    code, out = run("create", str(spec_file), "--set", f"data.validation={empty}",
+                    "--storage", f"sqlite:///{db}")
+    assert_one_line_error(code, out, str(empty))
+    assert not db.exists()
+
+
+def test_study_that_does_not_exist(tmp_path: Path, spec_file: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert run("create", str(spec_file), "--storage", url)[0] == 0
+    for command in (["status", "nope"], ["export", "nope", "--out", str(tmp_path / "x")],
+                    ["worker", "nope"]):
+        code, out = run(*command, "--storage", url)
+        assert_one_line_error(code, out, "study 'nope' does not exist", "studies there: cli")
+    assert not (tmp_path / "x").exists()
+
+
+def test_storage_file_that_does_not_exist(tmp_path: Path) -> None:
+    db = tmp_path / "missing.db"
+    code, out = run("status", "any", "--storage", f"sqlite:///{db}")
+    assert_one_line_error(code, out, "does not exist")
+    assert not db.exists()
+
+
+def test_storage_that_cannot_connect_hides_the_password(spec_file: Path) -> None:
+    url = "postgresql+psycopg2://gemma:s3cret-pw@127.0.0.1:1/gemma"
+    code, out = run("create", str(spec_file), "--storage", url)
+    assert_one_line_error(code, out, "cannot connect to storage",
+                          "postgresql+psycopg2://gemma:***@127.0.0.1:1/gemma")
+    assert "s3cret-pw" not in out
+    code, out = run("status", "cli", "--storage", url)
+    assert_one_line_error(code, out, "cannot connect to storage")
+    assert "s3cret-pw" not in out
+
+
+def test_create_is_idempotent_but_refuses_a_changed_spec(tmp_path: Path,
+                                                         spec_file: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert run("create", str(spec_file), "--storage", url)[0] == 0
+    assert run("create", str(spec_file), "--storage", url)[0] == 0
+    code, out = run("create", str(spec_file), "--set", "search.lora_r=32", "--storage", url)
+    assert_one_line_error(code, out, "already exists", "different spec")
+
+
+def test_status_of_a_fresh_study(tmp_path: Path, spec_file: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run("create", str(spec_file), "--storage", url)
+    code, out = run("status", "cli", "--storage", url, "--json")
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["study"] == "cli" and summary["max_trials"] == 6
+    assert summary["best"] is None and summary["budget_used"] == 0
+    code, out = run("export", "cli", "--out", str(tmp_path / "e"), "--storage", url)
+    assert_one_line_error(code, out, "no completed trial yet")
+
+
+def test_make_tiny_model_command(tmp_path: Path) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(["a small corpus of words to train on"] * 40))
+    code, out = run("make-tiny-model", str(tmp_path / "m"), "--text", str(text))
+    assert code == 0, out
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tmp_path / "m")
+    assert config.model_type == "gemma2"
+    assert config.attn_logit_softcapping == 50.0 and config.final_logit_softcapping == 30.0
+    assert config.num_hidden_layers == 2

@@ -1,0 +1,138 @@
+"""Data loading: files of every format, clear errors, prompt masking, cached tokenization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gemma_search.errors import DataError
+from gemma_search.train.data import collate, load_task_data, read_splits, read_table
+
+from .conftest import SST2
+
+
+def split_args(train: Path, validation: Path | None = None, **kw: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "task": "classification", "train_path": str(train),
+        "validation_path": str(validation) if validation else None,
+        "validation_fraction": 0.2, "text_column": "text", "prompt_template": None,
+        "completion_column": None, "label_column": "label",
+    }
+    args.update(kw)
+    return args
+
+
+def test_missing_file_names_the_key_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        read_table(str(tmp_path / "nope.jsonl"), "data.train")
+    assert str(info.value).startswith(f"data.train file {tmp_path / 'nope.jsonl'} does not exist")
+    assert "--set data.train=" in str(info.value)
+
+
+def test_unparsable_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok", "label": 1}\nthis is not json\n')
+    with pytest.raises(DataError, match=r"data.train file .*bad.jsonl cannot be parsed as jsonl"):
+        read_table(str(bad), "data.train")
+
+
+def test_unknown_suffix(tmp_path: Path) -> None:
+    odd = tmp_path / "data.xlsx"
+    odd.write_text("x")
+    with pytest.raises(DataError, match="use .jsonl, .json, .csv, .tsv, .parquet"):
+        read_table(str(odd), "data.train")
+
+
+def test_missing_column_names_file_column_and_key(demo_data: tuple[Path, Path]) -> None:
+    train, validation = demo_data
+    with pytest.raises(DataError) as info:
+        read_splits(**split_args(train, validation, text_column="sentence"))
+    message = str(info.value)
+    assert "has no column 'sentence' (named by task.text_column)" in message
+    assert str(train) in message and "text, label" in message
+
+
+def test_empty_validation_file(tmp_path: Path, demo_data: tuple[Path, Path]) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(DataError, match="empty"):
+        read_splits(**split_args(demo_data[0], empty))
+
+
+def test_validation_fraction_holds_out_rows(demo_data: tuple[Path, Path]) -> None:
+    train, validation = read_splits(**split_args(demo_data[0], None, max_train_examples=100))
+    assert len(train) == 100
+    assert len(validation) == 80  # 20% of the 400 rows
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "save_to_disk"])
+def test_other_formats(tmp_path: Path, demo_data: tuple[Path, Path], fmt: str) -> None:
+    ds = read_table(str(demo_data[0]), "data.train")
+    if fmt == "csv":
+        path = tmp_path / "train.csv"
+        ds.to_csv(str(path), index=False)
+    elif fmt == "parquet":
+        path = tmp_path / "train.parquet"
+        ds.to_parquet(str(path))
+    else:
+        path = tmp_path / "saved"
+        ds.save_to_disk(str(path))
+    again = read_table(str(path), "data.train")
+    assert again.column_names == ["text", "label"] and len(again) == len(ds)
+
+
+def test_sst2_tsv_reads_with_renamed_dev_column() -> None:
+    if not SST2.exists():
+        pytest.skip(f"SST-2 is not at {SST2}")
+    train, validation = read_splits(**split_args(
+        SST2 / "train.tsv", SST2 / "dev.tsv", text_column="sentence",
+        rename_columns={"content": "sentence"}, max_train_examples=500))
+    assert len(validation) == 872 and len(train) == 500
+    assert set(validation["label"]) == {0, 1}
+
+
+def test_causal_lm_masks_the_prompt(tmp_path: Path, tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    path = tmp_path / "sft.jsonl"
+    rows = [{"q": f"what is {i} plus {i}?", "a": str(2 * i)} for i in range(20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_task_data(tokenizer=tok, max_seq_len=64, labels=None, **split_args(
+        path, None, task="causal_lm", text_column=None, prompt_template="question: {q} answer:",
+        completion_column="a", validation_fraction=0.25))
+    row = data.train[0]
+    prompt_len = row["labels"].count(-100)
+    assert prompt_len > 0
+    assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:]
+    assert row["input_ids"][-1] == tok.eos_token_id  # the completion ends with <eos>
+    batch = collate([data.train[0], data.train[1]], "causal_lm", tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape
+
+
+def test_tokenization_is_cached_across_loads(demo_data: tuple[Path, Path],
+                                             tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    kwargs = split_args(*demo_data)
+    first = load_task_data(tokenizer=tok, max_seq_len=32, labels=["negative", "positive"],
+                           **kwargs)
+    second = load_task_data(tokenizer=AutoTokenizer.from_pretrained(tiny_model), max_seq_len=32,
+                            labels=["negative", "positive"], **kwargs)
+    assert first.train.cache_files and first.train.cache_files == second.train.cache_files
+    assert first.fingerprint == second.fingerprint
+
+
+def test_unknown_label_is_a_data_error(tmp_path: Path, tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps({"text": "x", "label": "maybe"}) + "\n"
+                            for _ in range(10)))
+    with pytest.raises(DataError, match="label 'maybe' in column 'label'"):
+        load_task_data(tokenizer=AutoTokenizer.from_pretrained(tiny_model), max_seq_len=16,
+                       labels=["negative", "positive"], **split_args(path))

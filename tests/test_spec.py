@@ -1,0 +1,172 @@
+"""Specs: every shipped study loads; every bad input is one clear SpecError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gemma_search.errors import SpecError
+from gemma_search.spec import (
+    Choice,
+    FloatRange,
+    IntRange,
+    apply_overrides,
+    dump_spec,
+    load_spec,
+    spec_from_dict,
+    spec_from_text,
+    spec_hash,
+)
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+
+
+def raw_spec(**sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "name": "t",
+        "model": {"name_or_path": "google/gemma-2-9b"},
+        "task": {"type": "classification", "text_column": "text", "labels": ["neg", "pos"]},
+        "data": {"train": "/data/train.jsonl"},
+        "budget": {"eval_every_tokens": 1000},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def error_of(raw: dict[str, Any]) -> str:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_shipped_study_loads_and_round_trips(path: Path) -> None:
+    spec = load_spec(path)
+    again = spec_from_text(dump_spec(spec))
+    assert again == spec
+    assert spec_hash(again) == spec_hash(spec)
+
+
+def test_studies_cover_the_required_tasks() -> None:
+    tasks = {load_spec(p).task.type for p in STUDIES}
+    models = {load_spec(p).model.name_or_path for p in STUDIES}
+    assert {"classification", "causal_lm", "regression"} <= tasks
+    assert any("gemma-2-9b" in m for m in models)
+    assert len(STUDIES) >= 4
+
+
+def test_search_values_parse_as_fixed_range_and_choice() -> None:
+    spec = spec_from_dict(raw_spec(search={
+        "learning_rate": {"low": "1e-5", "high": 1e-3, "log": True},  # PyYAML reads 1e-5 as str
+        "lora_r": {"choices": [8, 16]},
+        "micro_batch_size": {"low": 1, "high": 8, "step": 1},
+        "weight_decay": 0.01,
+    }))
+    assert spec.search.learning_rate == FloatRange(1e-5, 1e-3, log=True)
+    assert spec.search.lora_r == Choice((8, 16))
+    assert spec.search.micro_batch_size == IntRange(1, 8)
+    assert spec.search.weight_decay == 0.01
+    assert spec.direction == "minimize"
+
+
+def test_unknown_key_names_the_key_and_the_likely_fix() -> None:
+    message = error_of(raw_spec(search={"learning_rat": 1e-4}))
+    assert "search.learning_rat is not a known key" in message
+    assert "did you mean learning_rate" in message
+
+
+def test_unknown_section_is_refused() -> None:
+    assert "pruners is not a known key" in error_of(raw_spec(pruners={"type": "median"}))
+
+
+def test_range_low_not_below_high() -> None:
+    message = error_of(raw_spec(search={"learning_rate": {"low": 0.1, "high": 0.01}}))
+    assert message.startswith("search.learning_rate.low is 0.1 but must be < high (0.01)")
+
+
+def test_log_range_needs_positive_low() -> None:
+    message = error_of(raw_spec(search={"weight_decay": {"low": 0.0, "high": 0.1, "log": True}}))
+    assert "search.weight_decay.low is 0.0 but a log range needs low > 0" in message
+
+
+def test_value_outside_its_rule() -> None:
+    assert "search.train_fraction is 1.5 but must be <= 1" in error_of(
+        raw_spec(search={"train_fraction": 1.5}))
+    assert "search.optimizer.choices[1] is 'lion'" in error_of(
+        raw_spec(search={"optimizer": {"choices": ["adamw", "lion"]}}))
+
+
+def test_task_without_its_columns() -> None:
+    message = error_of(raw_spec(task={"type": "classification", "text_column": None,
+                                      "labels": ["a", "b"]}))
+    assert "task.text_column is missing" in message
+    message = error_of(raw_spec(task={"type": "causal_lm", "text_column": None, "labels": None,
+                                      "completion_column": "output"}))
+    assert "task.prompt_template is missing" in message
+    assert "task.labels" in error_of(raw_spec(task={"labels": ["only"]}))
+
+
+def test_sdpa_is_refused_for_gemma2() -> None:
+    message = error_of(raw_spec(model={"attn_implementation": "sdpa"}))
+    assert "soft-cap" in message and "eager" in message
+
+
+def test_metric_must_belong_to_the_task() -> None:
+    message = error_of(raw_spec(objective={"metric": "rmse"}))
+    assert "objective.metric is 'rmse'" in message and "accuracy" in message
+
+
+def test_eval_points_exactly_one() -> None:
+    raw = raw_spec()
+    raw["budget"] = {"eval_every_tokens": 10, "eval_every_steps": 5}
+    assert "set exactly one" in error_of(raw)
+
+
+def test_missing_required_key() -> None:
+    raw = raw_spec()
+    del raw["data"]
+    assert error_of(raw) == "data is missing; add it to the spec"
+
+
+def test_lora_targets_must_name_a_module_set() -> None:
+    message = error_of(raw_spec(search={"lora_targets": "mlp_only"}))
+    assert "search.lora_targets is 'mlp_only'" in message and "all_linear" in message
+
+
+def test_overrides_set_nested_keys_and_parse_yaml_values() -> None:
+    raw = apply_overrides(raw_spec(), ["search.lora_r=8", "search.optimizer={choices: [sgd]}",
+                                       "budget.max_trials=3"])
+    spec = spec_from_dict(raw)
+    assert spec.search.lora_r == 8
+    assert spec.search.optimizer == Choice(("sgd",))
+    assert spec.budget.max_trials == 3
+    with pytest.raises(SpecError, match="key.path=value"):
+        apply_overrides(raw_spec(), ["search.lora_r"])
+
+
+def test_relative_data_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    raw = raw_spec(data={"train": "../data/train.jsonl"})
+    (folder / "s.yaml").write_text(yaml.safe_dump(raw))
+    spec = load_spec(folder / "s.yaml")
+    assert spec.data.train == str((tmp_path / "data" / "train.jsonl").resolve())
+    assert spec.model.name_or_path == "google/gemma-2-9b"  # a hub id stays a hub id
+
+
+def test_missing_and_broken_spec_files(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML at line"):
+        load_spec(bad)
