@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from gemma_search.space import trial_config
@@ -30,14 +31,19 @@ class OptunaReporter:
 class Objective:
     """Callable for `study.optimize`: trains one trial on the worker's resident model."""
 
-    def __init__(self, spec: StudySpec, base: BaseModel, data: TaskData) -> None:
+    def __init__(self, spec: StudySpec, base: BaseModel, data: TaskData,
+                 on_start: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.base = base
         self.data = data
+        self.on_start = on_start
+        """Called first in every trial: the worker releases its study lock there."""
 
     def __call__(self, trial: Any) -> float:
         import optuna
 
+        if self.on_start is not None:
+            self.on_start()
         cfg = trial_config(trial, self.spec)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("data_fingerprint", self.data.fingerprint)

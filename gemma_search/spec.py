@@ -287,7 +287,7 @@ class StudySpec:
     storage: StorageSpec = field(default_factory=StorageSpec)
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Literal["minimize", "maximize"]:
         """`minimize` or `maximize`, inferred from the metric unless set."""
         if self.objective.direction is not None:
             return self.objective.direction

@@ -16,6 +16,7 @@ from gemma_search.errors import StorageError, first_line
 __all__ = [
     "DEFAULT_STORAGE",
     "STORAGE_ENV",
+    "StudyLock",
     "open_storage",
     "redact",
     "resolve_storage_url",
@@ -119,3 +120,64 @@ def _scrub(text: str, password: Any) -> str:
     """Driver messages may quote the URL: never let the password through."""
     secret = str(password) if password else ""
     return text.replace(secret, "***") if secret else text
+
+
+class StudyLock:
+    """A lock shared by every worker of one study, on any machine that reaches its storage.
+
+    PostgreSQL: a session advisory lock, on a connection opened for the hold and closed after.
+    SQLite: an flock on a file beside the database (SQLite is one machine's storage anyway).
+    `release` may be called more than once; only the first call releases.
+    """
+
+    def __init__(self, url: str, study_name: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        self._url = url
+        self._key = f"gemma_search:{study_name}"
+        parsed = make_url(url)
+        self._backend = parsed.get_backend_name()
+        self._path = f"{parsed.database}.lock" if self._backend == "sqlite" else None
+        self._held: Any = None
+
+    def acquire(self) -> None:
+        if self._backend == "sqlite":
+            import fcntl
+
+            if self._path in (None, ".lock", ":memory:.lock"):
+                self._held = True  # an in-memory database lives in one process
+                return
+            handle = open(self._path, "a")  # noqa: SIM115 - held until release()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._held = handle
+        elif self._backend == "postgresql":
+            from sqlalchemy import create_engine, text
+            from sqlalchemy.pool import NullPool
+
+            engine = create_engine(self._url, poolclass=NullPool)
+            conn = engine.connect()
+            conn.execute(text("SELECT pg_advisory_lock(hashtextextended(:k, 0))"),
+                         {"k": self._key})
+            self._held = (engine, conn)
+        else:
+            self._held = True  # other databases: no cross-process lock (documented)
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is None or held is True:
+            return
+        if self._backend == "sqlite":
+            import fcntl
+
+            fcntl.flock(held, fcntl.LOCK_UN)
+            held.close()
+            return
+        from sqlalchemy import text
+
+        engine, conn = held
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
+                         {"k": self._key})
+        finally:
+            conn.close()  # closing the session drops the lock even if unlock failed
+            engine.dispose()

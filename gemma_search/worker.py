@@ -20,7 +20,7 @@ from typing import Any
 
 from gemma_search.errors import GemmaSearchError
 from gemma_search.spec import StudySpec
-from gemma_search.storage import STORAGE_ENV
+from gemma_search.storage import STORAGE_ENV, StudyLock
 from gemma_search.study import budget_used, load_study, split_args
 
 __all__ = ["launch", "load_resources", "run_worker"]
@@ -63,20 +63,44 @@ def run_worker(name: str, url: str, *, index: int = 0) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, spec = load_study(name, url, heartbeat=True, worker_index=index)
     base, data = load_resources(spec)
-    objective = Objective(spec, base, data)
+    lock = StudyLock(url, name)
+    objective = Objective(spec, base, data, on_start=lock.release)
     finished: list[Any] = []
     failures = 0
-    while budget_used(study.get_trials(deepcopy=False)) < spec.budget.max_trials:
-        # catch=Exception: one broken trial is recorded as FAIL and the worker goes on.
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
-                       callbacks=[lambda _study, trial: finished.append(trial)])
+    while True:
+        lock.acquire()
+        try:
+            if not _claim_trial(study, spec.budget.max_trials):
+                return len(finished)
+            # catch=Exception: one broken trial is recorded as FAIL and the worker goes on.
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                           callbacks=[lambda _study, trial: finished.append(trial)])
+        finally:
+            lock.release()  # already released by the objective, unless it never started
         failed = finished[-1].state == optuna.trial.TrialState.FAIL
         failures = failures + 1 if failed else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
             raise GemmaSearchError(f"worker {index}: {failures} trials in a row failed; see the "
                                    "trials' fail reasons in `gemma-search status` and fix the "
                                    "spec or environment")
-    return len(finished)
+
+
+def _claim_trial(study: Any, max_trials: int) -> bool:
+    """Under the study lock: make sure a WAITING trial is there for this worker to pop.
+
+    `max_trials` holds for the whole study (optuna#2907): a worker adds a trial only while the
+    budget has room, and `optimize` then pops a waiting trial instead of creating one. The
+    lock stays held until the objective starts, so that the pop is inside it too: otherwise
+    two workers could count the same waiting trial and one of them would create a trial
+    past the budget (seen on PostgreSQL with two workers: 7 trials for a budget of 6).
+    """
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if budget_used(trials) < max_trials:
+        study.enqueue_trial({}, skip_if_exists=False)
+        return True
+    return any(t.state == TrialState.WAITING for t in trials)
 
 
 def launch(name: str, url: str, *, workers: int, threads_per_worker: int | None = None,

@@ -110,7 +110,7 @@ def fingerprint_files(paths: Sequence[str | None], extra: str = "") -> str:
         for f in files:
             digest.update(f.name.encode())
             with f.open("rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                while chunk := fh.read(1 << 20):
                     digest.update(chunk)
     return digest.hexdigest()
 
