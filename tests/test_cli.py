@@ -151,3 +151,22 @@ def test_make_tiny_model_command(tmp_path: Path) -> None:
     assert config.model_type == "gemma2"
     assert config.attn_logit_softcapping == 50.0 and config.final_logit_softcapping == 30.0
     assert config.num_hidden_layers == 2
+
+
+def test_bad_input_leaves_the_storage_untouched(tmp_path: Path, spec_file: Path,
+                                                storage_url: str) -> None:
+    import optuna
+
+    from gemma_search.storage import open_storage
+
+    name = f"untouched-{tmp_path.name[-16:]}"
+    for bad in ([f"data.train={tmp_path / 'no.jsonl'}"], ["task.text_column=review"],
+                ["search.lora_r={low: 8, high: 4}"]):
+        code, out = run("create", str(spec_file), "--set", f"name={name}", "--set", bad[0],
+                        "--storage", storage_url)
+        assert code == 1 and "Traceback" not in out
+    if storage_url.startswith("sqlite"):
+        assert not Path(storage_url.removeprefix("sqlite:///")).exists()
+    else:
+        names = {s.study_name for s in optuna.get_all_study_summaries(open_storage(storage_url))}
+        assert name not in names
