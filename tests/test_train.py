@@ -214,3 +214,113 @@ def test_configs_are_frozen() -> None:
     cfg = make_config("classification")
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.learning_rate = 1.0  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- checkpoints, faults
+
+
+def test_preempted_trial_resumes_where_it_stopped(tiny_model: Path, tmp_path: Path) -> None:
+    from gemma_search.train.checkpoint import Checkpointing
+
+    base, data = load(tiny_model, tmp_path, "classification")
+    cfg = make_config("classification", epochs=3.0, lora_dropout=0.1, token_dropout=0.1)
+    straight = train_trial(base, data, cfg, NullReporter())
+
+    steps: list[int] = []
+    saved: list[int] = []
+    first = Checkpointing(tmp_path / "trial-0", on_saved=lambda step, tokens, path:
+                          saved.append(step))
+
+    def stop_after_23_steps() -> bool:
+        steps.append(1)
+        return len(steps) > 23
+
+    stopped = train_trial(base, data, cfg, NullReporter(), checkpointing=first,
+                          stop_requested=stop_after_23_steps)
+    assert stopped.stop_reason == "preempted" and stopped.optimizer_steps == 23
+    assert saved == [10, 20, 23]  # after each evaluation, and on the stop
+    assert sorted(p.name for p in (tmp_path / "trial-0").iterdir()) == [
+        "step-00000020", "step-00000023"]  # keep_last=2
+
+    resumed = train_trial(base, data, cfg, NullReporter(), checkpointing=Checkpointing(
+        tmp_path / "trial-1", resume_from=stopped.checkpoint))
+    assert resumed.resumed_from_step == 23
+    assert resumed.optimizer_steps == straight.optimizer_steps
+    assert resumed.tokens_trained == straight.tokens_trained
+    for a, b in zip(resumed.history, straight.history, strict=True):
+        assert a["step"] == b["step"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    assert resumed.value == pytest.approx(straight.value, rel=1e-4)
+
+
+def test_out_of_memory_halves_the_micro_batch(tiny_model: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import gemma_search.train.engine as engine
+
+    base, data = load(tiny_model, tmp_path, "classification")
+    real_loss = engine._loss_sum
+
+    def oom_above_4(model: Any, batch: dict[str, Any], task: str, smoothing: float) -> Any:
+        if batch["input_ids"].shape[0] > 4:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return real_loss(model, batch, task, smoothing)
+
+    monkeypatch.setattr(engine, "_loss_sum", oom_above_4)
+    cfg = make_config("classification", epochs=1.0)
+    result = train_trial(base, data, cfg, NullReporter())
+    assert result.stop_reason == "completed"
+    assert result.oom_events == [{"step": 0, "micro_batch_size": 8},
+                                 {"step": 0, "micro_batch_size": 4}]
+    assert result.optimizer_steps == plan_steps(cfg, len(data.train), data.avg_train_tokens)
+    # the same examples per step: the token count matches a run that never ran out of memory
+    monkeypatch.setattr(engine, "_loss_sum", real_loss)
+    assert result.tokens_trained == train_trial(base, data, cfg, NullReporter()).tokens_trained
+
+
+def test_out_of_memory_at_every_size_fails_and_frees(tiny_model: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import weakref
+
+    import gemma_search.train.engine as engine
+
+    base, data = load(tiny_model, tmp_path, "classification")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    optimizers: list[Any] = []
+    real_build = engine.build_optimizer
+
+    def tracked(*args: Any, **kwargs: Any) -> Any:
+        opt = real_build(*args, **kwargs)
+        optimizers.append(weakref.ref(opt))
+        return opt
+
+    def always_oom(*args: Any) -> Any:
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(engine, "build_optimizer", tracked)
+    monkeypatch.setattr(engine, "_loss_sum", always_oom)
+    with pytest.raises(engine.OutOfMemory, match="out of memory at micro-batch 2 after 3"):
+        train_trial(base, data, make_config("classification"), NullReporter())
+    gc.collect()
+    assert optimizers and optimizers[0]() is None  # the optimizer and its state are gone
+    after = base.model.state_dict()
+    assert set(after) == set(before)  # adapters detached even though the trial failed
+
+
+def test_nan_loss_stops_as_diverged(tiny_model: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import gemma_search.train.engine as engine
+
+    base, data = load(tiny_model, tmp_path, "classification")
+    real_loss = engine._loss_sum
+    calls: list[int] = []
+
+    def nan_after_5(*args: Any) -> Any:
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) > 5 else loss
+
+    monkeypatch.setattr(engine, "_loss_sum", nan_after_5)
+    result = train_trial(base, data, make_config("classification"), NullReporter())
+    assert result.stop_reason == "diverged"
+    assert result.optimizer_steps == 5
