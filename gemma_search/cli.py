@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -87,10 +88,13 @@ def worker(
 ) -> None:
     """Run trials of a study until its budget is spent (one worker per GPU)."""
     from gemma_search.storage import resolve_storage_url
-    from gemma_search.worker import run_worker
+    from gemma_search.worker import StopFlag, run_worker
 
-    ran = run_worker(study, resolve_storage_url(storage), index=index)
-    typer.echo(f"worker {index}: ran {ran} trials; study budget spent")
+    stop = StopFlag()
+    stop.install()
+    ran = run_worker(study, resolve_storage_url(storage), index=index, stop=stop)
+    why = "stopped by signal, running trial re-queued" if stop.requested else "budget spent"
+    typer.echo(f"worker {index}: ran {ran} trials; {why}")
 
 
 @app.command()
@@ -104,7 +108,11 @@ def launch(
     from gemma_search.storage import resolve_storage_url
 
     url = resolve_storage_url(storage)
-    code = _launch_with_progress(study, url, workers)
+    try:
+        code = _launch_with_progress(study, url, workers)
+    except KeyboardInterrupt:
+        raise GemmaSearchError("interrupted: workers checkpointed and re-queued their trials; "
+                               f"`gemma-search launch {study}` continues the study") from None
     if code != 0:
         raise GemmaSearchError(f"a worker of study {study!r} exited with code {code}; see its "
                                "output above")
@@ -120,12 +128,14 @@ def status(
     """Trial counts by state, the best value and params, running trials."""
     from rich.console import Console
 
+    from gemma_search import db
     from gemma_search.status import render_status, study_status
     from gemma_search.storage import resolve_storage_url
     from gemma_search.study import load_study
 
-    loaded, spec = load_study(study, resolve_storage_url(storage))
-    summary = study_status(loaded, spec)
+    url = resolve_storage_url(storage)
+    loaded, spec = load_study(study, url)
+    summary = study_status(loaded, spec, db.make_engine(url))
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
@@ -147,6 +157,50 @@ def export(
     paths = export_study(study, resolve_storage_url(storage), out, top_k=top_k)
     for path in paths.values():
         typer.echo(str(path))
+
+
+db_app = typer.Typer(help="gemma-search's own tables (beside Optuna's) and their migrations.",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+@_user_errors
+def db_upgrade(storage: StorageOpt = None) -> None:
+    """Upgrade Optuna's schema, then gemma-search's tables, to the newest version."""
+    from gemma_search import db
+    from gemma_search.storage import open_storage, redact, resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    open_storage(url)  # a clear one-line error if the server cannot be reached
+    optuna_rev, ours = db.upgrade_all(url)
+    typer.echo(f"{redact(url)}: Optuna schema at {optuna_rev}, gemma-search tables at {ours}")
+
+
+@db_app.command("downgrade")
+@_user_errors
+def db_downgrade(
+    storage: StorageOpt = None,
+    revision: Annotated[str, typer.Option(help="Target revision ('base' drops our tables).")
+                        ] = "base",
+) -> None:
+    """Downgrade gemma-search's own tables (Optuna's are never touched)."""
+    from gemma_search import db
+    from gemma_search.storage import redact, resolve_storage_url
+
+    url = resolve_storage_url(storage)
+    db.downgrade(url, revision)
+    typer.echo(f"{redact(url)}: gemma-search tables at {db.current(url) or 'base'}")
+
+
+@db_app.command("current")
+@_user_errors
+def db_current(storage: StorageOpt = None) -> None:
+    """Print the revision of gemma-search's tables."""
+    from gemma_search import db
+    from gemma_search.storage import resolve_storage_url
+
+    typer.echo(db.current(resolve_storage_url(storage)) or "base (no gemma-search tables)")
 
 
 @app.command("make-tiny-model")
@@ -200,12 +254,14 @@ def demo(
     console.print(f"data: {train}, {validation}\nmodel: {model_dir}")
 
     console.rule("2. study")
-    db = workdir / "demo.db"
-    db.unlink(missing_ok=True)  # the demo's own database: start afresh each run
-    url = f"sqlite:///{db}"
+    db_file = workdir / "demo.db"
+    db_file.unlink(missing_ok=True)  # the demo's own database: start afresh each run
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    url = f"sqlite:///{db_file}"
     spec = load_spec(spec_path, [f"model.name_or_path={model_dir}", f"data.train={train}",
                                  f"data.validation={validation}", f"storage.url={url}",
-                                 f"budget.max_trials={trials}"])
+                                 f"budget.max_trials={trials}",
+                                 f"checkpoints.dir={workdir / 'checkpoints'}"])
     check_data(spec)
     create_study(spec, url)
     console.print(f"study {spec.name!r} in {url}: up to {trials} trials, pruner "

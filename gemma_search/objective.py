@@ -2,42 +2,91 @@
 
 from __future__ import annotations
 
+import logging
 import socket
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
 
+from gemma_search.errors import GemmaSearchError
 from gemma_search.space import trial_config
 from gemma_search.spec import StudySpec
+from gemma_search.train.checkpoint import Checkpointing
 from gemma_search.train.data import TaskData
-from gemma_search.train.engine import train_trial
+from gemma_search.train.engine import OutOfMemory, train_trial
 from gemma_search.train.model import BaseModel
 
-__all__ = ["Objective", "OptunaReporter"]
+__all__ = ["Objective", "OptunaReporter", "TrialPreempted", "WorkerStatus", "checkpoint_dir"]
+
+log = logging.getLogger("gemma_search.objective")
+
+
+class TrialPreempted(GemmaSearchError):
+    """The worker was asked to stop; the trial checkpointed and is handed back for retry."""
+
+
+class WorkerStatus(Protocol):
+    """What the worker shows in `gs_workers`: the trial it runs, where it is, how fast."""
+
+    def update(self, *, trial: int | None, step: int | None,
+               tokens_per_second: float | None) -> None: ...
 
 
 class OptunaReporter:
-    """The engine's `Reporter`, backed by an Optuna trial."""
+    """The engine's `Reporter`: reports to the Optuna trial, keeps every evaluation in
+    `gs_eval_metrics`, and tells the worker's status where the trial is."""
 
-    def __init__(self, trial: Any) -> None:
+    def __init__(self, trial: Any, engine: Any, study_name: str,
+                 status: WorkerStatus | None = None) -> None:
         self._trial = trial
+        self._engine = engine
+        self._study_name = study_name
+        self._status = status
+        self._started = time.monotonic()
+        self._first_tokens: float | None = None
 
-    def report(self, step: int, value: float) -> None:
+    def report(self, step: int, value: float, metrics: Mapping[str, float]) -> None:
+        from gemma_search import db
+
         self._trial.report(value, step)
+        tokens = int(metrics.get("tokens", 0))
+        db.record_eval(self._engine, self._study_name, self._trial.number, step,
+                       int(metrics.get("step", 0)), tokens, dict(metrics))
+        if self._status is not None:
+            # A resumed trial starts with tokens already trained: count only this run's.
+            if self._first_tokens is None:
+                self._first_tokens = tokens - 1.0
+            elapsed = max(time.monotonic() - self._started, 1e-9)
+            self._status.update(trial=self._trial.number, step=int(metrics.get("step", 0)),
+                                tokens_per_second=(tokens - self._first_tokens) / elapsed)
 
     def should_prune(self) -> bool:
         return bool(self._trial.should_prune())
 
 
+def checkpoint_dir(spec: StudySpec, trial_number: int) -> Path:
+    """The folder of one trial's checkpoints."""
+    return Path(spec.checkpoints.dir) / spec.name / f"trial-{trial_number:06d}"
+
+
 class Objective:
     """Callable for `study.optimize`: trains one trial on the worker's resident model."""
 
-    def __init__(self, spec: StudySpec, base: BaseModel, data: TaskData,
-                 on_start: Callable[[], None] | None = None) -> None:
+    def __init__(self, spec: StudySpec, base: BaseModel, data: TaskData, engine: Any, *,
+                 on_start: Callable[[], None] | None = None,
+                 stop_requested: Callable[[], bool] | None = None,
+                 status: WorkerStatus | None = None) -> None:
         self.spec = spec
         self.base = base
         self.data = data
+        self.engine = engine
+        """Engine of gemma-search's own tables (checkpoints, evaluations)."""
+        self.status = status
         self.on_start = on_start
         """Called first in every trial: the worker releases its study lock there."""
+        self.stop_requested = stop_requested
+        """Polled by the engine: True once the worker got SIGTERM / SIGINT."""
 
     def __call__(self, trial: Any) -> float:
         import optuna
@@ -46,8 +95,28 @@ class Objective:
             self.on_start()
         cfg = trial_config(trial, self.spec)
         trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("gpus", 1)
         trial.set_user_attr("data_fingerprint", self.data.fingerprint)
-        result = train_trial(self.base, self.data, cfg, OptunaReporter(trial))
+        from gemma_search import db
+
+        if self.status is not None:
+            self.status.update(trial=trial.number, step=0, tokens_per_second=None)
+        checkpointing = Checkpointing(
+            directory=checkpoint_dir(self.spec, trial.number),
+            every_steps=self.spec.checkpoints.every_steps,
+            keep_last=self.spec.checkpoints.keep_last,
+            resume_from=self._predecessor_checkpoint(trial),
+            on_saved=lambda step, tokens, path: db.record_checkpoint(
+                self.engine, self.spec.name, trial.number, step, tokens, str(path)))
+        reporter = OptunaReporter(trial, self.engine, self.spec.name, self.status)
+        try:
+            result = train_trial(self.base, self.data, cfg, reporter,
+                                 checkpointing=checkpointing,
+                                 stop_requested=self.stop_requested)
+        except OutOfMemory as exc:
+            trial.set_user_attr("stop_reason", "oom")
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
         # Metrics of the best evaluation, and what the trial cost.
         for key, value in result.metrics.items():
             trial.set_user_attr(key, value)
@@ -56,6 +125,33 @@ class Objective:
         trial.set_user_attr("wall_seconds", round(result.wall_seconds, 3))
         trial.set_user_attr("peak_memory_bytes", result.peak_memory_bytes)
         trial.set_user_attr("stop_reason", result.stop_reason)
+        trial.set_user_attr("resumed_from_step", result.resumed_from_step)
+        if result.oom_events:
+            trial.set_user_attr("oom_events", result.oom_events)
+        if result.stop_reason == "preempted":
+            raise TrialPreempted(f"trial {trial.number} preempted at step "
+                                 f"{result.optimizer_steps}; checkpoint {result.checkpoint}")
         if result.stop_reason in ("pruned", "diverged") or result.value is None:
             raise optuna.TrialPruned(result.stop_reason)
         return result.value
+
+    def _predecessor_checkpoint(self, trial: Any) -> Path | None:
+        """The latest checkpoint of the trials this one retries (Optuna's retry_history)."""
+        from gemma_search import db
+
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False)
+                      if t.number == trial.number)
+        history = frozen.system_attrs.get("retry_history", [])
+        if not history:
+            return None
+        latest = db.latest_checkpoint(self.engine, self.spec.name, list(history))
+        if latest is None:
+            return None  # died before its first checkpoint: a fresh start is all there is
+        path = Path(latest["path"])
+        if not (path / "trainer.pt").is_file():
+            # Recorded on another machine's local disk: checkpoints.dir should be shared.
+            log.warning("trial %s: checkpoint %s of trial %s is not readable here; starting "
+                        "from step 0", trial.number, path, latest["trial_number"])
+            return None
+        trial.set_user_attr("resumed_from_trial", latest["trial_number"])
+        return path

@@ -28,6 +28,7 @@ from gemma_search.errors import SpecError
 
 __all__ = [
     "BudgetSpec",
+    "CheckpointSpec",
     "Choice",
     "DataSpec",
     "FloatRange",
@@ -261,14 +262,35 @@ class BudgetSpec:
     """Evaluate and report after every this many training tokens."""
     eval_every_steps: int | None = None
     """Or: evaluate after every this many optimizer steps."""
+    max_gpu_hours: float | None = None
+    """GPU-hours for the whole study (trial wall time x GPUs), running trials counted."""
 
 
 @dataclass(frozen=True)
 class StorageSpec:
-    """Where the study lives."""
+    """Where the study lives, and how workers prove they are alive."""
 
     url: str = "sqlite:///gemma_search.db"
     """SQLAlchemy URL: sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB."""
+    heartbeat_interval: int = 30
+    """Seconds between a running trial's heartbeats."""
+    grace_period: int = 120
+    """Seconds without a heartbeat after which a running trial is failed and re-queued."""
+    max_retries: int = 3
+    """Times a trial whose worker died or was preempted is re-queued."""
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Where running trials save their state, so that a retry resumes instead of restarting."""
+
+    dir: str = "gemma-search-checkpoints"
+    """Folder for checkpoints; a path every worker reaches (shared disk) lets a retry on
+    another machine resume. Relative paths are relative to the spec file."""
+    every_steps: int | None = None
+    """Save every this many optimizer steps; unset: after every evaluation."""
+    keep_last: int = 2
+    """Checkpoints kept per trial."""
 
 
 @dataclass(frozen=True)
@@ -285,6 +307,7 @@ class StudySpec:
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
+    checkpoints: CheckpointSpec = field(default_factory=CheckpointSpec)
 
     @property
     def direction(self) -> Literal["minimize", "maximize"]:
@@ -299,7 +322,8 @@ class StudySpec:
 
 #: Keys whose values are paths; relative ones are resolved against the spec file's folder
 #: (or the working directory, for `--set` overrides).
-_PATH_KEYS = (("data", "train"), ("data", "validation"), ("model", "name_or_path"))
+_PATH_KEYS = (("data", "train"), ("data", "validation"), ("model", "name_or_path"),
+              ("checkpoints", "dir"))
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
@@ -320,7 +344,12 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
                         f"data, ...), not {type(raw).__name__}")
     _resolve_paths(raw, path.resolve().parent, only_existing_for_model=True)
     raw = apply_overrides(raw, overrides)
-    return spec_from_dict(raw)
+    spec = spec_from_dict(raw)
+    if not Path(spec.checkpoints.dir).is_absolute():  # the default: beside the spec file
+        folder = str((path.resolve().parent / spec.checkpoints.dir).resolve())
+        spec = dataclasses.replace(spec, checkpoints=dataclasses.replace(spec.checkpoints,
+                                                                         dir=folder))
+    return spec
 
 
 def spec_from_text(text: str) -> StudySpec:
@@ -599,6 +628,18 @@ def _check_rules(spec: StudySpec) -> None:
         value = getattr(budget, key)
         if value is not None and value < 1:
             raise SpecError(f"budget.{key} is {value} but must be >= 1")
+    if budget.max_gpu_hours is not None and budget.max_gpu_hours <= 0:
+        raise SpecError(f"budget.max_gpu_hours is {budget.max_gpu_hours} but must be > 0")
+    store = spec.storage
+    if store.heartbeat_interval < 1 or store.grace_period <= store.heartbeat_interval:
+        raise SpecError(f"storage.grace_period is {store.grace_period} but must be > "
+                        f"storage.heartbeat_interval ({store.heartbeat_interval}), which is >= 1")
+    if store.max_retries < 0:
+        raise SpecError(f"storage.max_retries is {store.max_retries} but must be >= 0")
+    ckpt = spec.checkpoints
+    if ckpt.keep_last < 1 or (ckpt.every_steps is not None and ckpt.every_steps < 1):
+        raise SpecError("checkpoints.keep_last and checkpoints.every_steps must be >= 1; got "
+                        f"{ckpt.keep_last} and {ckpt.every_steps}")
     if spec.pruner.min_resource < 1 or spec.pruner.reduction_factor < 2:
         raise SpecError("pruner.min_resource must be >= 1 and pruner.reduction_factor >= 2; "
                         f"got {spec.pruner.min_resource} and {spec.pruner.reduction_factor}")

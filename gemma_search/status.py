@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from gemma_search.spec import StudySpec
-from gemma_search.study import budget_used
+from gemma_search.study import budget_used, gpu_hours_used
 
 __all__ = ["render_status", "study_status"]
 
 
-def study_status(study: Any, spec: StudySpec) -> dict[str, Any]:
-    """A plain summary of the study (what `status --json` prints)."""
+def study_status(study: Any, spec: StudySpec, engine: Any = None) -> dict[str, Any]:
+    """A plain summary of the study (what `status --json` prints).
+
+    `engine`: of gemma-search's own tables, for the workers; without it none are listed.
+    """
     from optuna.trial import TrialState
+
+    from gemma_search import db
 
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): 0 for s in TrialState}
@@ -33,15 +38,22 @@ def study_status(study: Any, spec: StudySpec) -> dict[str, Any]:
          "params": t.params}
         for t in trials if t.state == TrialState.RUNNING
     ]
+    workers = [] if engine is None else [
+        {**w, "started_at": w["started_at"].isoformat(), "last_seen": w["last_seen"].isoformat()}
+        for w in db.list_workers(engine, spec.name, stale_after=spec.storage.grace_period)
+        if w["state"] == "running"]
     return {
         "study": spec.name,
         "metric": spec.objective.metric,
         "direction": spec.direction,
         "max_trials": spec.budget.max_trials,
         "budget_used": budget_used(trials),
+        "max_gpu_hours": spec.budget.max_gpu_hours,
+        "gpu_hours_used": round(gpu_hours_used(trials), 4),
         "trials": counts,
         "best": best,
         "running": running,
+        "workers": workers,
     }
 
 
@@ -65,6 +77,18 @@ def render_status(summary: dict[str, Any]) -> Any:
         table.add_column("value")
         for key, value in best["params"].items():
             table.add_row(key, _fmt(value))
+        parts.append(table)
+    if summary["workers"]:
+        table = Table(title="workers")
+        for col in ("id", "host", "gpu", "pid", "trial", "step", "tokens/s", "last seen",
+                    "alive"):
+            table.add_column(col)
+        for w in summary["workers"]:
+            gpu = "-" if w["gpu_name"] is None else f"{w['gpu_index']}: {w['gpu_name']}"
+            table.add_row(str(w["id"]), w["host"], gpu, str(w["pid"]),
+                          _fmt(w["current_trial"]), _fmt(w["current_step"]),
+                          _fmt(w["tokens_per_second"]), w["last_seen"][:19],
+                          "yes" if w["alive"] else "stale")
         parts.append(table)
     if summary["running"]:
         table = Table(title="running")

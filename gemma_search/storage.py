@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_STORAGE",
     "STORAGE_ENV",
     "StudyLock",
+    "begin_immediate",
     "open_storage",
     "redact",
     "resolve_storage_url",
@@ -24,9 +25,6 @@ __all__ = [
 
 DEFAULT_STORAGE = "sqlite:///gemma_search.db"
 STORAGE_ENV = "GEMMA_SEARCH_STORAGE"
-#: Seconds between a running trial's heartbeats, and silence after which it counts as dead.
-HEARTBEAT_INTERVAL = 30
-GRACE_PERIOD = 120
 
 
 def resolve_storage_url(flag: str | None, spec_url: str | None = None) -> str:
@@ -45,13 +43,15 @@ def redact(url: str) -> str:
         return "<unparsable storage URL>"
 
 
-def open_storage(url: str, *, must_exist: bool = False, heartbeat: bool = False) -> Any:
+def open_storage(url: str, *, must_exist: bool = False,
+                 heartbeat: tuple[int, int, int] | None = None) -> Any:
     """An `optuna.storages.RDBStorage` on `url`, connected and checked.
 
     `must_exist`: for commands that read a study (status, export, worker), a SQLite file that
     is not there is an error instead of a new empty database.
-    `heartbeat`: workers heartbeat their running trial so that a dead worker's trial is failed
-    and re-queued (DESIGN decision 2: only `Study.optimize` heartbeats).
+    `heartbeat`: (interval, grace period, max retries) for workers, which heartbeat their
+    running trial so that a dead worker's trial is failed and re-queued, with its reported
+    values (DESIGN decision 2: only `Study.optimize` heartbeats).
     """
     import optuna
     from sqlalchemy.engine import make_url
@@ -76,12 +76,13 @@ def open_storage(url: str, *, must_exist: bool = False, heartbeat: bool = False)
         # each worker's pool small so that a default server serves many workers.
         engine_kwargs.update(pool_size=1, max_overflow=1, pool_recycle=300)
     kwargs: dict[str, Any] = {}
-    if heartbeat:
+    if heartbeat is not None:
+        interval, grace, retries = heartbeat
         kwargs = {
-            "heartbeat_interval": HEARTBEAT_INTERVAL,
-            "grace_period": GRACE_PERIOD,
+            "heartbeat_interval": interval,
+            "grace_period": grace,
             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=3),
+                max_retry=retries, inherit_intermediate_values=True),
         }
     try:
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
@@ -90,18 +91,21 @@ def open_storage(url: str, *, must_exist: bool = False, heartbeat: bool = False)
         raise StorageError(f"cannot connect to storage {shown}: {reason}; check the URL, that "
                            "the server is running and the credentials") from None
     if parsed.get_backend_name() == "sqlite":
-        _begin_immediate(storage.engine)
+        begin_immediate(storage.engine)
+        storage.engine.dispose()  # connections opened before the hooks are dropped
     return storage
 
 
-def _begin_immediate(engine: Any) -> None:
+def begin_immediate(engine: Any) -> None:
     """Make every SQLite transaction take the write lock when it begins.
 
     Optuna claims a waiting trial by reading it `with_for_update()` and then marking it
     RUNNING. SQLite ignores FOR UPDATE, and its default deferred transactions let two worker
     processes both read WAITING and both run the trial (seen here: "Cannot tell a COMPLETE
     trial"). BEGIN IMMEDIATE makes read-then-write atomic; SQLite serialises writers anyway.
-    This is SQLAlchemy's documented recipe for pysqlite transactions.
+    Our own tables (`db.py`) need it too: a deferred transaction that reads then writes gets
+    "database is locked" at once, without waiting out the timeout, if another process wrote
+    in between. This is SQLAlchemy's documented recipe for pysqlite transactions.
     """
     from sqlalchemy import event
 
@@ -112,8 +116,6 @@ def _begin_immediate(engine: Any) -> None:
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # connections opened before the hooks were attached are dropped
 
 
 def _scrub(text: str, password: Any) -> str:

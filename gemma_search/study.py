@@ -1,7 +1,8 @@
 """Create and load studies: an Optuna study plus the validated spec it was made from.
 
-The spec text and its hash are stored with the study, so every worker, `status` and `export`
-use the very spec the study was created with, whatever file sits on their disk.
+The spec text and its hash are stored in `gs_studies` beside the study, so every worker,
+`status` and `export` use the very spec the study was created with, whatever file sits on
+their disk.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from gemma_search.spec import StudySpec, dump_spec, spec_from_text, spec_hash
 from gemma_search.storage import open_storage, redact
 
 __all__ = [
-    "SPEC_HASH_ATTR",
-    "SPEC_TEXT_ATTR",
     "budget_used",
+    "gpu_hours_used",
     "build_pruner",
     "build_sampler",
     "check_data",
@@ -24,47 +24,59 @@ __all__ = [
     "split_args",
 ]
 
-SPEC_TEXT_ATTR = "gemma_search_spec"
-SPEC_HASH_ATTR = "gemma_search_spec_hash"
-
-
 def create_study(spec: StudySpec, url: str) -> Any:
-    """Create the study for `spec` in `url`; an identical existing study is reused."""
+    """Create the study for `spec` in `url`; an identical existing study is reused.
+
+    Brings both schemas up to date first (Optuna's and ours), so `create` is all a new
+    database needs.
+    """
     import optuna
 
-    storage = open_storage(url)
+    from gemma_search import db
+
+    storage = open_storage(url)  # a clear error if the server cannot be reached
+    db.upgrade_all(url)
+    engine = db.make_engine(url)
     text, digest = dump_spec(spec), spec_hash(spec)
+    stored = db.load_study_spec(engine, spec.name)
+    if stored is not None and stored[1] != digest:
+        raise StorageError(f"study {spec.name!r} already exists in {redact(url)} with a "
+                           "different spec; change `name` in the spec (or --set name=NEW)")
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if spec.name in names:
-        existing = optuna.load_study(study_name=spec.name, storage=storage)
-        if existing.user_attrs.get(SPEC_HASH_ATTR) != digest:
-            raise StorageError(f"study {spec.name!r} already exists in {redact(url)} with a "
-                               "different spec; change `name` in the spec (or --set name=NEW)")
-        return existing
-    study = optuna.create_study(study_name=spec.name, storage=storage,
-                                direction=spec.direction)
-    study.set_user_attr(SPEC_TEXT_ATTR, text)
-    study.set_user_attr(SPEC_HASH_ATTR, digest)
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+    else:
+        study = optuna.create_study(study_name=spec.name, storage=storage,
+                                    direction=spec.direction)
+    db.save_study_spec(engine, spec.name, text, digest)
     return study
 
 
 def load_study(name: str, url: str, *, heartbeat: bool = False,
                worker_index: int = 0) -> tuple[Any, StudySpec]:
-    """The named study with the sampler and pruner its stored spec asks for."""
+    """The named study with the sampler and pruner its stored spec asks for.
+
+    `heartbeat`: open the storage as a worker, with the spec's heartbeat settings.
+    """
     import optuna
 
-    storage = open_storage(url, must_exist=True, heartbeat=heartbeat)
+    from gemma_search import db
+
+    storage = open_storage(url, must_exist=True)
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
     if name not in names:
         known = ", ".join(names) if names else "none"
         raise StudyNotFoundError(f"study {name!r} does not exist in {redact(url)} (studies "
                                  f"there: {known}); create it with `gemma-search create SPEC`")
-    probe = optuna.load_study(study_name=name, storage=storage)
-    text = probe.user_attrs.get(SPEC_TEXT_ATTR)
-    if text is None:
+    stored = db.load_study_spec(db.make_engine(url), name)
+    if stored is None:
         raise StorageError(f"study {name!r} in {redact(url)} was not created by gemma-search "
                            "(it has no stored spec); create one with `gemma-search create SPEC`")
-    spec = spec_from_text(text)
+    spec = spec_from_text(stored[0])
+    if heartbeat:
+        s = spec.storage
+        storage = open_storage(url, heartbeat=(s.heartbeat_interval, s.grace_period,
+                                               s.max_retries))
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=build_sampler(spec, worker_index),
                               pruner=build_pruner(spec))
@@ -111,6 +123,25 @@ def build_pruner(spec: StudySpec) -> Any:
     if p.type == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold)
     return optuna.pruners.NopPruner()
+
+
+def gpu_hours_used(trials: list[Any], now: Any = None) -> float:
+    """Device-hours of the study: each trial's wall time x its GPUs, running trials to now.
+
+    A worker drives one device (DESIGN decision 8), so a trial counts `gpus` = 1 unless it
+    recorded otherwise; re-queued failures count too, since their time was spent.
+    """
+    from datetime import datetime
+
+    total = 0.0
+    for t in trials:
+        if t.datetime_start is None:
+            continue
+        start = t.datetime_start
+        # Optuna stores naive local times (datetime.now()): compare like with like.
+        end = t.datetime_complete or now or datetime.now(start.tzinfo)
+        total += max(0.0, (end - start).total_seconds()) * float(t.user_attrs.get("gpus", 1))
+    return total / 3600.0
 
 
 def budget_used(trials: list[Any]) -> int:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 from gemma_search.errors import GemmaSearchError
 from gemma_search.spec import StudySpec
 from gemma_search.storage import STORAGE_ENV, StudyLock
-from gemma_search.study import budget_used, load_study, split_args
+from gemma_search.study import budget_used, gpu_hours_used, load_study, split_args
 
 __all__ = ["launch", "load_resources", "run_worker"]
 
@@ -54,53 +55,167 @@ def load_resources(spec: StudySpec) -> tuple[Any, Any]:
     return base, task_data
 
 
-def run_worker(name: str, url: str, *, index: int = 0) -> int:
+class WorkerRow:
+    """This worker's row in `gs_workers`: registered on entry, heartbeated from a thread
+    every heartbeat interval (with the current trial, step and speed), closed on exit."""
+
+    def __init__(self, url: str, study_name: str, interval: int, device: Any) -> None:
+        from gemma_search import db
+
+        self.engine = db.make_engine(url)
+        self._study_name = study_name
+        self._interval = interval
+        self._device = device
+        self._state: dict[str, Any] = {"current_trial": None, "current_step": None,
+                                       "tokens_per_second": None}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="gs-worker-heartbeat",
+                                        daemon=True)
+        self.worker_id = 0
+
+    def __enter__(self) -> WorkerRow:
+        import socket
+
+        from gemma_search import db
+
+        gpu_name, gpu_index = None, None
+        if self._device.type == "cuda":
+            import torch
+
+            gpu_name = torch.cuda.get_device_name(self._device)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0]
+            gpu_index = int(visible) if visible.isdigit() else self._device.index or 0
+        self.worker_id = db.register_worker(self.engine, self._study_name,
+                                            socket.gethostname(), os.getpid(), gpu_name,
+                                            gpu_index)
+        self._thread.start()
+        return self
+
+    def update(self, *, trial: int | None, step: int | None,
+               tokens_per_second: float | None) -> None:
+        self._state = {"current_trial": trial, "current_step": step,
+                       "tokens_per_second": tokens_per_second}
+
+    def _beat(self) -> None:
+        from gemma_search import db
+
+        while not self._done.wait(self._interval):
+            try:
+                db.worker_heartbeat(self.engine, self.worker_id, **self._state)
+            except GemmaSearchError as exc:  # the database is away: try again next beat
+                log.warning("worker heartbeat failed: %s", exc)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        from gemma_search import db
+
+        self._done.set()
+        self._thread.join(timeout=self._interval + 5)
+        try:
+            db.worker_exit(self.engine, self.worker_id, "exited" if exc is None else "failed")
+        except GemmaSearchError as error:
+            log.warning("could not mark worker %s %s: %s", self.worker_id,
+                        "exited" if exc is None else "failed", error)
+        self.engine.dispose()
+
+
+class StopFlag:
+    """SIGTERM / SIGINT: the first asks the running trial to checkpoint and hand itself back;
+    a second exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        log.warning("signal %s: checkpointing the running trial, then exiting", signum)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def run_worker(name: str, url: str, *, index: int = 0, stop: StopFlag | None = None) -> int:
     """Run trials of study `name` until its budget is spent; return how many ran here."""
+    import optuna
+
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stop = stop or StopFlag()
+    study, spec = load_study(name, url, heartbeat=True, worker_index=index)
+    base, data = load_resources(spec)
+    with WorkerRow(url, name, spec.storage.heartbeat_interval, base.device) as status:
+        return _trial_loop(study, spec, url, index, base, data, stop, status)
+
+
+def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, data: Any,
+                stop: StopFlag, status: WorkerRow) -> int:
     import optuna
 
     from gemma_search.objective import Objective
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study, spec = load_study(name, url, heartbeat=True, worker_index=index)
-    base, data = load_resources(spec)
-    lock = StudyLock(url, name)
-    objective = Objective(spec, base, data, on_start=lock.release)
+    lock = StudyLock(url, spec.name)
+    objective = Objective(spec, base, data, status.engine, on_start=lock.release,
+                          stop_requested=stop, status=status)
+    requeue = optuna.storages.RetryFailedTrialCallback(
+        max_retry=spec.storage.max_retries, inherit_intermediate_values=True)
     finished: list[Any] = []
     failures = 0
-    while True:
+    while not stop.requested:
         lock.acquire()
         try:
-            if not _claim_trial(study, spec.budget.max_trials):
-                return len(finished)
-            # catch=Exception: one broken trial is recorded as FAIL and the worker goes on.
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
-                           callbacks=[lambda _study, trial: finished.append(trial)])
+            action = _claim_trial(study, spec)
+            if action == "run":
+                # catch=Exception: a broken trial is recorded as FAIL and the worker goes on.
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                               callbacks=[lambda _study, trial: finished.append(trial)])
         finally:
             lock.release()  # already released by the objective, unless it never started
-        failed = finished[-1].state == optuna.trial.TrialState.FAIL
-        failures = failures + 1 if failed else 0
+        status.update(trial=None, step=None, tokens_per_second=None)
+        if action == "done":
+            break
+        if action == "wait":
+            # Trials still run elsewhere: one may go stale and be re-queued, so stay.
+            time.sleep(min(spec.storage.heartbeat_interval, 10))
+            continue
+        last = finished[-1]
+        if last.user_attrs.get("stop_reason") == "preempted":
+            requeue(study, last)  # handed back: another worker resumes from its checkpoint
+            break
+        failures = failures + 1 if last.state == optuna.trial.TrialState.FAIL else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
             raise GemmaSearchError(f"worker {index}: {failures} trials in a row failed; see the "
                                    "trials' fail reasons in `gemma-search status` and fix the "
                                    "spec or environment")
+    return len(finished)
 
 
-def _claim_trial(study: Any, max_trials: int) -> bool:
-    """Under the study lock: make sure a WAITING trial is there for this worker to pop.
+def _claim_trial(study: Any, spec: StudySpec) -> str:
+    """Under the study lock: "run" with a WAITING trial ready to pop, "wait", or "done".
 
-    `max_trials` holds for the whole study (optuna#2907): a worker adds a trial only while the
-    budget has room, and `optimize` then pops a waiting trial instead of creating one. The
-    lock stays held until the objective starts, so that the pop is inside it too: otherwise
-    two workers could count the same waiting trial and one of them would create a trial
-    past the budget (seen on PostgreSQL with two workers: 7 trials for a budget of 6).
+    `max_trials` and `max_gpu_hours` hold for the whole study (optuna#2907): a worker adds a
+    trial only while the budget has room, and `optimize` then pops a waiting trial instead of
+    creating one. The lock stays held until the objective starts, so that the pop is inside
+    it too: otherwise two workers could count the same waiting trial and one of them would
+    create a trial past the budget (seen on PostgreSQL with two workers: 7 trials for 6).
     """
+    import optuna
     from optuna.trial import TrialState
 
+    optuna.storages.fail_stale_trials(study)  # a dead worker's trial is re-queued first
     trials = study.get_trials(deepcopy=False)
-    if budget_used(trials) < max_trials:
+    if any(t.state == TrialState.WAITING for t in trials):
+        return "run"
+    budget = spec.budget
+    hours_left = budget.max_gpu_hours is None or gpu_hours_used(trials) < budget.max_gpu_hours
+    if budget_used(trials) < budget.max_trials and hours_left:
         study.enqueue_trial({}, skip_if_exists=False)
-        return True
-    return any(t.state == TrialState.WAITING for t in trials)
+        return "run"
+    return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
 
 
 def launch(name: str, url: str, *, workers: int, threads_per_worker: int | None = None,
@@ -108,7 +223,9 @@ def launch(name: str, url: str, *, workers: int, threads_per_worker: int | None 
     """Start `workers` worker processes on this machine, wait for them; return a code.
 
     The storage URL goes to the children in the environment, never on the command line, so
-    that a password does not show in process listings.
+    that a password does not show in process listings. Children run in their own session:
+    Ctrl-C reaches only this process, which forwards one SIGTERM (checkpoint, re-queue,
+    exit); a second Ctrl-C forwards a second SIGTERM, on which they exit at once.
     """
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
     env = dict(os.environ)
@@ -117,21 +234,22 @@ def launch(name: str, url: str, *, workers: int, threads_per_worker: int | None 
         env[var] = str(threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     procs = [subprocess.Popen([sys.executable, "-m", "gemma_search", "worker", name,
-                               "--index", str(i)], env=env)
+                               "--index", str(i)], env=env, start_new_session=True)
              for i in range(workers)]
-    try:
-        while any(p.poll() is None for p in procs):
+    interrupts = 0
+    while any(p.poll() is None for p in procs):
+        try:
             if poll is not None:
                 poll()
             time.sleep(poll_seconds)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-        raise
+        except KeyboardInterrupt:
+            interrupts += 1
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
     if poll is not None:
         poll()
+    if interrupts:
+        raise KeyboardInterrupt
     codes = [p.returncode for p in procs]
     return max(codes) if codes else 0

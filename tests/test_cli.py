@@ -170,3 +170,16 @@ def test_bad_input_leaves_the_storage_untouched(tmp_path: Path, spec_file: Path,
     else:
         names = {s.study_name for s in optuna.get_all_study_summaries(open_storage(storage_url))}
         assert name not in names
+
+
+def test_db_upgrade_downgrade_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code, out = run("db", "upgrade", "--storage", url)
+    assert code == 0 and "gemma-search tables at 0001" in out, out
+    assert run("db", "current", "--storage", url)[1].strip().startswith("0001")
+    code, out = run("db", "downgrade", "--storage", url)
+    assert code == 0 and "tables at base" in out, out
+    from sqlalchemy import create_engine, inspect
+
+    tables = set(inspect(create_engine(url)).get_table_names())
+    assert "trials" in tables and not any(t.startswith("gs_") for t in tables)

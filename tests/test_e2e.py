@@ -54,13 +54,25 @@ def test_study_runs_prunes_and_exports(tmp_path: Path, tiny_model: Path,
     assert best.params["learning_rate"] == 2.0e-2
     assert best.user_attrs["accuracy"] > 0.7 and best.user_attrs["tokens_trained"] > 0
 
-    # 2. status sees the same study
+    # 2. gemma-search's own tables: every evaluation, the checkpoints, the two workers
+    from gemma_search import db
+
+    engine = db.make_engine(storage_url)
+    history = db.eval_history(engine, name, best.number)
+    assert [r["eval_index"] for r in history] == sorted(best.intermediate_values)
+    assert history[0]["metrics"]["val_loss"] == pytest.approx(best.intermediate_values[1])
+    ckpt = db.latest_checkpoint(engine, name, [best.number])
+    assert ckpt is not None and Path(ckpt["path"]).is_dir()
+    workers = db.list_workers(engine, name, stale_after=120)
+    assert len(workers) == 2 and {w["state"] for w in workers} == {"exited"}
+
+    # 3. status sees the same study
     result = runner.invoke(app, ["status", name, "--storage", storage_url, "--json"])
     summary = json.loads(result.output)
     assert summary["trials"]["pruned"] == len(pruned)
     assert summary["best"]["trial"] == best.number
 
-    # 3. export: files that transformers, peft and gemma-search itself load
+    # 4. export: files that transformers, peft and gemma-search itself load
     out = tmp_path / "export"
     result = runner.invoke(app, ["export", name, "--out", str(out), "--storage", storage_url])
     assert result.exit_code == 0, result.output

@@ -114,7 +114,7 @@ class PruneAt:
     def __init__(self, step: int) -> None:
         self.step, self.reported = step, []  # type: ignore[var-annotated]
 
-    def report(self, step: int, value: float) -> None:
+    def report(self, step: int, value: float, metrics: Any) -> None:
         self.reported.append(step)
 
     def should_prune(self) -> bool:

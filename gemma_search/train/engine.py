@@ -174,8 +174,8 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
             state.next_eval_tokens += cfg.eval_every_tokens  # type: ignore[operator]
         state.evals += 1
         metrics = evaluate(model, data, device, accelerator)
-        state.history.append({"eval": state.evals, "step": state.step, "tokens": state.tokens,
-                              **metrics})
+        row = {"eval": state.evals, "step": state.step, "tokens": state.tokens, **metrics}
+        state.history.append(row)
         value = metrics[cfg.metric]
         if not math.isfinite(value):
             stop_reason = "diverged"
@@ -184,7 +184,7 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
             state.best, state.since_best = metrics, 0
         else:
             state.since_best += 1
-        reporter.report(state.evals, value)
+        reporter.report(state.evals, value, row)
         if reporter.should_prune():
             stop_reason = "pruned"
             break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 __all__ = ["NullReporter", "Reporter"]
@@ -10,8 +11,11 @@ __all__ = ["NullReporter", "Reporter"]
 class Reporter(Protocol):
     """Receives the validation value at fixed points and answers whether to stop."""
 
-    def report(self, step: int, value: float) -> None:
-        """Record `value` of the objective metric at evaluation number `step` (1-based)."""
+    def report(self, step: int, value: float, metrics: Mapping[str, float]) -> None:
+        """Record `value` of the objective metric at evaluation number `step` (1-based).
+
+        `metrics` is the whole evaluation: optimizer step, tokens trained and every metric.
+        """
 
     def should_prune(self) -> bool:
         """True when the run should stop now because it looks weak."""
@@ -23,7 +27,7 @@ class NullReporter:
     def __init__(self) -> None:
         self.values: dict[int, float] = {}
 
-    def report(self, step: int, value: float) -> None:
+    def report(self, step: int, value: float, metrics: Mapping[str, float]) -> None:
         self.values[step] = value
 
     def should_prune(self) -> bool:
