@@ -53,7 +53,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
 from gemma_search.errors import StorageError, first_line
-from gemma_search.storage import begin_immediate, redact
+from gemma_search.storage import begin_immediate, redact, retry_connects
 
 __all__ = [
     "MIGRATIONS",
@@ -255,8 +255,11 @@ def _parse_url(url: str) -> URL:
                            "sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB") from None
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for our tables that holds as few connections as it can."""
+def make_engine(url: str, *, connect_patience: float = 0.0) -> Engine:
+    """An engine for our tables that holds as few connections as it can.
+
+    `connect_patience`: seconds to keep retrying a refused connection (workers).
+    """
     shown = redact(url)
     parsed = _parse_url(url)
     # Idle connections die during hours-long trials (optuna#5600): ping before use.
@@ -277,6 +280,8 @@ def make_engine(url: str) -> Engine:
                            "postgresql+psycopg2://USER@HOST/DB") from None
     if sqlite:
         begin_immediate(engine)
+    elif connect_patience > 0:
+        retry_connects(engine, connect_patience)
     return engine
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -9,7 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from gemma_search.errors import GemmaSearchError
+from gemma_search.errors import GemmaSearchError, first_line
 from gemma_search.space import trial_config
 from gemma_search.spec import StudySpec
 from gemma_search.train.checkpoint import Checkpointing
@@ -83,16 +84,32 @@ class Objective:
         self.engine = engine
         """Engine of gemma-search's own tables (checkpoints, evaluations)."""
         self.status = status
+        self.last_error: BaseException | None = None
+        """The exception the last trial failed with, if any (the worker reads it)."""
         self.on_start = on_start
         """Called first in every trial: the worker releases its study lock there."""
         self.stop_requested = stop_requested
         """Polled by the engine: True once the worker got SIGTERM / SIGINT."""
 
     def __call__(self, trial: Any) -> float:
-        import optuna
-
         if self.on_start is not None:
             self.on_start()
+        self.last_error = None
+        try:
+            return self._run(trial)
+        except Exception as exc:
+            import optuna
+
+            if not isinstance(exc, optuna.TrialPruned):
+                self.last_error = exc
+                # Best effort: the database may be why we are here; the error is what matters.
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("fail_reason", first_line(exc)[:500])
+            raise
+
+    def _run(self, trial: Any) -> float:
+        import optuna
+
         cfg = trial_config(trial, self.spec)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("gpus", 1)
@@ -113,9 +130,8 @@ class Objective:
             result = train_trial(self.base, self.data, cfg, reporter,
                                  checkpointing=checkpointing,
                                  stop_requested=self.stop_requested)
-        except OutOfMemory as exc:
+        except OutOfMemory:
             trial.set_user_attr("stop_reason", "oom")
-            trial.set_user_attr("fail_reason", str(exc))
             raise
         # Metrics of the best evaluation, and what the trial cost.
         for key, value in result.metrics.items():

@@ -278,6 +278,8 @@ class StorageSpec:
     """Seconds without a heartbeat after which a running trial is failed and re-queued."""
     max_retries: int = 3
     """Times a trial whose worker died or was preempted is re-queued."""
+    reconnect_seconds: int = 600
+    """How long a worker waits for the database to come back (restart, full server)."""
 
 
 @dataclass(frozen=True)

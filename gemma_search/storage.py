@@ -2,12 +2,17 @@
 
 SQLite (`sqlite:///gemma_search.db`) is the default for one machine; PostgreSQL
 (`postgresql+psycopg2://USER:PASSWORD@HOST/DB`) for many. The URL comes from `--storage`, the
-environment variable `GEMMA_SEARCH_STORAGE`, or the spec, in that order.
+environment variable `GEMMA_SEARCH_STORAGE`, a file named by `GEMMA_SEARCH_STORAGE_FILE`, or
+the spec, in that order.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +21,47 @@ from gemma_search.errors import StorageError, first_line
 __all__ = [
     "DEFAULT_STORAGE",
     "STORAGE_ENV",
+    "STORAGE_FILE_ENV",
     "StudyLock",
     "begin_immediate",
+    "is_transient",
+    "retry_connects",
     "open_storage",
     "redact",
     "resolve_storage_url",
 ]
 
+log = logging.getLogger("gemma_search.storage")
+
 DEFAULT_STORAGE = "sqlite:///gemma_search.db"
 STORAGE_ENV = "GEMMA_SEARCH_STORAGE"
+STORAGE_FILE_ENV = "GEMMA_SEARCH_STORAGE_FILE"
 
 
 def resolve_storage_url(flag: str | None, spec_url: str | None = None) -> str:
-    """`--storage` beats `$GEMMA_SEARCH_STORAGE` beats the spec beats the default."""
-    return flag or os.environ.get(STORAGE_ENV) or spec_url or DEFAULT_STORAGE
+    """`--storage`, then `$GEMMA_SEARCH_STORAGE`, then the file `$GEMMA_SEARCH_STORAGE_FILE`
+    names (a mounted secret), then the spec, then the default.
+
+    A URL with a password belongs in the variable or the file: a `--storage` flag shows in
+    process listings.
+    """
+    if flag:
+        return flag
+    if os.environ.get(STORAGE_ENV):
+        return os.environ[STORAGE_ENV]
+    path = os.environ.get(STORAGE_FILE_ENV)
+    if path:
+        try:
+            url = Path(path).read_text().strip()
+        except OSError as exc:
+            raise StorageError(f"{STORAGE_FILE_ENV} names {path}, which cannot be read "
+                               f"({exc.strerror}); point it at a file holding the storage "
+                               "URL") from None
+        if not url:
+            raise StorageError(f"{STORAGE_FILE_ENV} names {path}, which is empty; write the "
+                               "storage URL into it")
+        return url
+    return spec_url or DEFAULT_STORAGE
 
 
 def redact(url: str) -> str:
@@ -44,7 +76,8 @@ def redact(url: str) -> str:
 
 
 def open_storage(url: str, *, must_exist: bool = False,
-                 heartbeat: tuple[int, int, int] | None = None) -> Any:
+                 heartbeat: tuple[int, int, int] | None = None,
+                 connect_patience: float = 0.0) -> Any:
     """An `optuna.storages.RDBStorage` on `url`, connected and checked.
 
     `must_exist`: for commands that read a study (status, export, worker), a SQLite file that
@@ -52,6 +85,8 @@ def open_storage(url: str, *, must_exist: bool = False,
     `heartbeat`: (interval, grace period, max retries) for workers, which heartbeat their
     running trial so that a dead worker's trial is failed and re-queued, with its reported
     values (DESIGN decision 2: only `Study.optimize` heartbeats).
+    `connect_patience`: seconds a worker keeps retrying a connection the server refuses
+    (restarting, "too many clients"); commands run by a person fail at once.
     """
     import optuna
     from sqlalchemy.engine import make_url
@@ -72,9 +107,14 @@ def open_storage(url: str, *, must_exist: bool = False,
         # Several worker processes write one SQLite file: wait for its lock, do not fail.
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
-        # Idle connections die during hours-long trials (optuna#5600): pre-ping; and keep
-        # each worker's pool small so that a default server serves many workers.
-        engine_kwargs.update(pool_size=1, max_overflow=1, pool_recycle=300)
+        from sqlalchemy.pool import NullPool
+
+        # No pool: a connection lives for one operation. Plain Optuna holds about two per
+        # worker for the worker's life (measured: 32 workers held 67), so 64 workers exhaust
+        # a default server (max_connections=100); and idle connections die during
+        # hours-long trials anyway (optuna#5600). Opening one costs milliseconds per
+        # operation; a trial makes a few operations a minute.
+        engine_kwargs["poolclass"] = NullPool
     kwargs: dict[str, Any] = {}
     if heartbeat is not None:
         interval, grace, retries = heartbeat
@@ -84,12 +124,20 @@ def open_storage(url: str, *, must_exist: bool = False,
             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=retries, inherit_intermediate_values=True),
         }
-    try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:
-        reason = _scrub(first_line(exc), parsed.password)
-        raise StorageError(f"cannot connect to storage {shown}: {reason}; check the URL, that "
-                           "the server is running and the credentials") from None
+    deadline = time.monotonic() + connect_patience
+    for attempt in itertools.count():
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            break
+        except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:
+            if not (is_transient(exc) and time.monotonic() < deadline):
+                reason = _scrub(first_line(exc), parsed.password)
+                raise StorageError(f"cannot connect to storage {shown}: {reason}; check the "
+                                   "URL, that the server is running and the credentials"
+                                   ) from None
+            time.sleep(_backoff(attempt))
+    if connect_patience > 0:
+        retry_connects(storage.engine, connect_patience)
     if parsed.get_backend_name() == "sqlite":
         begin_immediate(storage.engine)
         storage.engine.dispose()  # connections opened before the hooks are dropped
@@ -118,6 +166,59 @@ def begin_immediate(engine: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def retry_connects(engine: Any, patience: float) -> None:
+    """Retry a refused connection for up to `patience` seconds, with jittered backoff.
+
+    A restarting PostgreSQL refuses connections for seconds ("the database system is
+    starting up", "Connection refused"), and a busy one answers "too many clients already"
+    (optuna#1347). A worker in the middle of a day-long study should wait, not die. Errors
+    that waiting cannot fix (authentication, an unknown database) still raise at once.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        deadline = time.monotonic() + patience
+        for attempt in itertools.count():
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                if not (is_transient(exc) and time.monotonic() < deadline):
+                    raise
+                log.warning("storage connection refused (%s); retrying", _scrub(
+                    first_line(exc), cparams.get("password")))
+                time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+
+#: Server answers that go away by themselves: retry them. Anything else is for a person.
+_TRANSIENT = ("too many clients", "starting up", "shutting down", "connection refused",
+              "could not connect", "server closed the connection", "terminating connection",
+              "connection reset", "timeout expired", "database is locked",
+              "recovery mode", "connection already closed", "ssl syscall")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a storage error that waiting can fix (a restart, a full server).
+
+    Optuna wraps driver errors (StorageInternalError from the OperationalError), so the
+    whole chain of causes is read.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if any(marker in str(seen).lower() for marker in _TRANSIENT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _backoff(attempt: int) -> float:
+    """0.2 s, 0.4 s, ... capped at 5 s, with jitter so that 128 workers do not retry in step."""
+    return min(5.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+
 def _scrub(text: str, password: Any) -> str:
     """Driver messages may quote the URL: never let the password through."""
     secret = str(password) if password else ""
@@ -132,10 +233,11 @@ class StudyLock:
     `release` may be called more than once; only the first call releases.
     """
 
-    def __init__(self, url: str, study_name: str) -> None:
+    def __init__(self, url: str, study_name: str, *, connect_patience: float = 0.0) -> None:
         from sqlalchemy.engine import make_url
 
         self._url = url
+        self._patience = connect_patience
         self._key = f"gemma_search:{study_name}"
         parsed = make_url(url)
         self._backend = parsed.get_backend_name()
@@ -157,6 +259,8 @@ class StudyLock:
             from sqlalchemy.pool import NullPool
 
             engine = create_engine(self._url, poolclass=NullPool)
+            if self._patience > 0:
+                retry_connects(engine, self._patience)
             conn = engine.connect()
             conn.execute(text("SELECT pg_advisory_lock(hashtextextended(:k, 0))"),
                          {"k": self._key})
@@ -175,11 +279,15 @@ class StudyLock:
             held.close()
             return
         from sqlalchemy import text
+        from sqlalchemy.exc import OperationalError
 
         engine, conn = held
         try:
             conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
                          {"k": self._key})
+        except OperationalError as exc:
+            # The server dropped the session (a restart): the lock went with it.
+            log.warning("study lock: the session was already gone (%s)", first_line(exc))
         finally:
-            conn.close()  # closing the session drops the lock even if unlock failed
+            conn.close()
             engine.dispose()

@@ -76,7 +76,8 @@ def load_study(name: str, url: str, *, heartbeat: bool = False,
     if heartbeat:
         s = spec.storage
         storage = open_storage(url, heartbeat=(s.heartbeat_interval, s.grace_period,
-                                               s.max_retries))
+                                               s.max_retries),
+                               connect_patience=s.reconnect_seconds)
     study = optuna.load_study(study_name=name, storage=storage,
                               sampler=build_sampler(spec, worker_index),
                               pruner=build_pruner(spec))

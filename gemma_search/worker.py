@@ -19,9 +19,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from gemma_search.errors import GemmaSearchError
-from gemma_search.spec import StudySpec
-from gemma_search.storage import STORAGE_ENV, StudyLock
+from gemma_search.errors import GemmaSearchError, first_line
+from gemma_search.spec import StorageSpec, StudySpec
+from gemma_search.storage import STORAGE_ENV, StudyLock, is_transient
 from gemma_search.study import budget_used, gpu_hours_used, load_study, split_args
 
 __all__ = ["launch", "load_resources", "run_worker"]
@@ -59,12 +59,12 @@ class WorkerRow:
     """This worker's row in `gs_workers`: registered on entry, heartbeated from a thread
     every heartbeat interval (with the current trial, step and speed), closed on exit."""
 
-    def __init__(self, url: str, study_name: str, interval: int, device: Any) -> None:
+    def __init__(self, url: str, study_name: str, storage: StorageSpec, device: Any) -> None:
         from gemma_search import db
 
-        self.engine = db.make_engine(url)
+        self.engine = db.make_engine(url, connect_patience=storage.reconnect_seconds)
         self._study_name = study_name
-        self._interval = interval
+        self._interval = storage.heartbeat_interval
         self._device = device
         self._state: dict[str, Any] = {"current_trial": None, "current_step": None,
                                        "tokens_per_second": None}
@@ -148,7 +148,7 @@ def run_worker(name: str, url: str, *, index: int = 0, stop: StopFlag | None = N
     stop = stop or StopFlag()
     study, spec = load_study(name, url, heartbeat=True, worker_index=index)
     base, data = load_resources(spec)
-    with WorkerRow(url, name, spec.storage.heartbeat_interval, base.device) as status:
+    with WorkerRow(url, name, spec.storage, base.device) as status:
         return _trial_loop(study, spec, url, index, base, data, stop, status)
 
 
@@ -158,23 +158,42 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
 
     from gemma_search.objective import Objective
 
-    lock = StudyLock(url, spec.name)
+    lock = StudyLock(url, spec.name, connect_patience=spec.storage.reconnect_seconds)
     objective = Objective(spec, base, data, status.engine, on_start=lock.release,
                           stop_requested=stop, status=status)
     requeue = optuna.storages.RetryFailedTrialCallback(
         max_retry=spec.storage.max_retries, inherit_intermediate_values=True)
     finished: list[Any] = []
-    failures = 0
+    failures = attempt = 0
+    outage_started = 0.0
     while not stop.requested:
         lock.acquire()
         try:
-            action = _claim_trial(study, spec)
+            action = _claim_trial(study, spec, status.engine)
             if action == "run":
                 # catch=Exception: a broken trial is recorded as FAIL and the worker goes on.
                 study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
                                callbacks=[lambda _study, trial: finished.append(trial)])
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            # Our trial was declared stale while it ran (its heartbeat was lost in a database
+            # outage) and was re-queued; the retry resumes it from its checkpoint.
+            log.warning("trial finished elsewhere meanwhile: %s", first_line(exc))
+            continue
+        except Exception as exc:
+            # The database went away mid-operation (restart, failover). Connections already
+            # wait for it (retry_connects); a statement cut off mid-flight lands here. Wait
+            # and go on: a trial left RUNNING is re-queued (stale or orphaned) and resumes.
+            outage_started = outage_started or time.monotonic()
+            if not is_transient(exc) or (time.monotonic() - outage_started
+                                         > spec.storage.reconnect_seconds):
+                raise
+            log.warning("storage unavailable (%s); retrying", first_line(exc))
+            time.sleep(min(5.0, 0.5 * 2 ** attempt))
+            attempt += 1
+            continue
         finally:
             lock.release()  # already released by the objective, unless it never started
+        outage_started, attempt = 0.0, 0
         status.update(trial=None, step=None, tokens_per_second=None)
         if action == "done":
             break
@@ -183,18 +202,22 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
             time.sleep(min(spec.storage.heartbeat_interval, 10))
             continue
         last = finished[-1]
-        if last.user_attrs.get("stop_reason") == "preempted":
-            requeue(study, last)  # handed back: another worker resumes from its checkpoint
-            break
+        cut_off = objective.last_error is not None and is_transient(objective.last_error)
+        if last.user_attrs.get("stop_reason") == "preempted" or (
+                last.state == optuna.trial.TrialState.FAIL and cut_off):
+            requeue(study, last)  # handed back: a worker resumes it from its checkpoint
+            if last.user_attrs.get("stop_reason") == "preempted":
+                break
+            continue
         failures = failures + 1 if last.state == optuna.trial.TrialState.FAIL else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
-            raise GemmaSearchError(f"worker {index}: {failures} trials in a row failed; see the "
-                                   "trials' fail reasons in `gemma-search status` and fix the "
-                                   "spec or environment")
+            raise GemmaSearchError(f"worker {index}: {failures} trials in a row failed; "
+                                   "see the trials' fail_reason in `gemma-search status` and "
+                                   "fix the spec or environment")
     return len(finished)
 
 
-def _claim_trial(study: Any, spec: StudySpec) -> str:
+def _claim_trial(study: Any, spec: StudySpec, engine: Any = None) -> str:
     """Under the study lock: "run" with a WAITING trial ready to pop, "wait", or "done".
 
     `max_trials` and `max_gpu_hours` hold for the whole study (optuna#2907): a worker adds a
@@ -206,7 +229,11 @@ def _claim_trial(study: Any, spec: StudySpec) -> str:
     import optuna
     from optuna.trial import TrialState
 
-    optuna.storages.fail_stale_trials(study)  # a dead worker's trial is re-queued first
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9; we rely on it anyway
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is re-queued first
+    if engine is not None:
+        _requeue_orphans(study, spec, engine)
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
         return "run"
@@ -216,6 +243,45 @@ def _claim_trial(study: Any, spec: StudySpec) -> str:
         study.enqueue_trial({}, skip_if_exists=False)
         return "run"
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
+
+
+def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
+    """Fail and re-queue RUNNING trials that no live worker runs and that never heartbeat.
+
+    Optuna counts a trial as stale only from its last heartbeat. A trial set RUNNING whose
+    worker lost the database before the first heartbeat (a restart at that moment) has
+    none: it would stay RUNNING for ever, and every worker would wait on it. Our own
+    workers table says who runs what; a trial nobody alive runs, older than the grace
+    period plus two heartbeats, is an orphan.
+    """
+    from datetime import datetime
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from gemma_search import db
+
+    store = spec.storage
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return
+    live = {w["current_trial"] for w in db.list_workers(engine, spec.name,
+                                                         stale_after=store.grace_period)
+            if w["alive"] and w["state"] == "running"}
+    limit = store.grace_period + 2 * store.heartbeat_interval
+    requeue = optuna.storages.RetryFailedTrialCallback(max_retry=store.max_retries,
+                                                       inherit_intermediate_values=True)
+    for t in running:
+        start = t.datetime_start
+        age = (datetime.now(start.tzinfo) - start).total_seconds() if start else 0.0
+        if t.number in live or age < limit:
+            continue
+        log.warning("trial %s runs on no live worker; failing and re-queueing it", t.number)
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            continue  # finished meanwhile
+        requeue(study, study.get_trials(deepcopy=False)[t.number])
 
 
 def launch(name: str, url: str, *, workers: int, threads_per_worker: int | None = None,

@@ -49,7 +49,7 @@ def postgres_url() -> Iterator[str]:
     from sqlalchemy.engine import make_url
 
     name = f"gemma_search_test_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    admin = create_engine(base, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))

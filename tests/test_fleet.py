@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def fleet_spec(tmp_path: Path, name: str, model: Path, data: tuple[Path, Path], *,
-               max_trials: int, max_tokens: int, extra: str = "") -> Path:
+               max_trials: int, max_tokens: int, checkpoint_every: int | None = None) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""
 name: {name}
@@ -40,8 +40,7 @@ search:
 pruner: {{type: none}}
 budget: {{max_trials: {max_trials}, max_tokens_per_trial: {max_tokens}, eval_every_tokens: 800}}
 storage: {{heartbeat_interval: 1, grace_period: 3}}
-checkpoints: {{dir: {tmp_path / 'ckpt'}}}
-{extra}
+checkpoints: {{dir: {tmp_path / 'ckpt'}, every_steps: {checkpoint_every or 'null'}}}
 """)
     return path
 
@@ -163,3 +162,44 @@ def test_kill_9_mid_trial_is_failed_requeued_and_resumed_by_another_worker(
     assert retry.user_attrs["resumed_from_step"] > 0
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     assert len(done) == 2  # the budget of 2 trials holds with the retry counted once
+
+
+def test_workers_ride_out_a_postgres_restart(tmp_path: Path, tiny_model: Path,
+                                             demo_data: tuple[Path, Path],
+                                             postgres_url: str) -> None:
+    import shutil
+
+    from sqlalchemy.engine import make_url
+
+    from gemma_search.study import budget_used
+
+    clusters = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if not clusters or shutil.which("pg_ctlcluster") is None or make_url(
+            postgres_url).host not in ("127.0.0.1", "localhost"):
+        pytest.skip("needs the local PostgreSQL cluster, restartable with pg_ctlcluster")
+    name = f"restart-{tmp_path.name[-12:]}"
+    spec = create(fleet_spec(tmp_path, name, tiny_model, demo_data, max_trials=6,
+                             max_tokens=6000, checkpoint_every=5),
+                  postgres_url)
+    workers = [start_worker(name, postgres_url, i) for i in range(2)]
+
+    def some_complete() -> bool:
+        study = optuna.load_study(study_name=name, storage=postgres_url)
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    wait_for(some_complete, 180, "a first completed trial")
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", clusters[-1], "main",
+                    "restart"], check=True, timeout=120)
+    outputs = []
+    for w in workers:
+        out, _ = w.communicate(timeout=600)
+        outputs.append(out.decode())
+        assert w.returncode == 0, outputs[-1][-3000:]
+    study = optuna.load_study(study_name=spec.name, storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    assert budget_used(trials) == 6
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    counted = [t for t in trials if t.number not in retried]
+    assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted), (
+        [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials],
+        [o[-3000:] for o in outputs])
