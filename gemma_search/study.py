@@ -24,6 +24,16 @@ __all__ = [
     "split_args",
 ]
 
+def _quiet_optuna() -> None:
+    """Heartbeats, retry callbacks and grouped TPE are 'experimental' in Optuna since 2.x;
+    we use them on purpose (DESIGN decision 2), so their warnings are noise to a user."""
+    import warnings
+
+    import optuna
+
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+
+
 def create_study(spec: StudySpec, url: str) -> Any:
     """Create the study for `spec` in `url`; an identical existing study is reused.
 
@@ -34,6 +44,7 @@ def create_study(spec: StudySpec, url: str) -> Any:
 
     from gemma_search import db
 
+    _quiet_optuna()
     storage = open_storage(url)  # a clear error if the server cannot be reached
     db.upgrade_all(url)
     engine = db.make_engine(url)
@@ -62,6 +73,7 @@ def load_study(name: str, url: str, *, heartbeat: bool = False,
 
     from gemma_search import db
 
+    _quiet_optuna()
     storage = open_storage(url, must_exist=True)
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
     if name not in names:

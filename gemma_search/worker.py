@@ -229,9 +229,7 @@ def _claim_trial(study: Any, spec: StudySpec, engine: Any = None) -> str:
     import optuna
     from optuna.trial import TrialState
 
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.9; we rely on it anyway
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial is re-queued first
+    optuna.storages.fail_stale_trials(study)  # a dead worker's trial is re-queued first
     if engine is not None:
         _requeue_orphans(study, spec, engine)
     trials = study.get_trials(deepcopy=False)
