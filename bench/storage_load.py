@@ -93,7 +93,9 @@ def child(mode: str, url: str, study_name: str, trials: int, total: int) -> None
                 durations.append(time.perf_counter() - started)
                 done += 1
     except Exception as exc:  # the benchmark counts errors instead of stopping
-        errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        cause = exc.__cause__ or exc.__context__
+        detail = f" <- {str(cause).splitlines()[0][:160]}" if cause else ""
+        errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}{detail}")
     print(json.dumps({"done": done, "durations": durations, "errors": errors}), flush=True)
 
 

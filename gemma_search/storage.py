@@ -129,13 +129,18 @@ def open_storage(url: str, *, must_exist: bool = False,
         try:
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
             break
-        except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:
-            if not (is_transient(exc) and time.monotonic() < deadline):
-                reason = _scrub(first_line(exc), parsed.password)
-                raise StorageError(f"cannot connect to storage {shown}: {reason}; check the "
-                                   "URL, that the server is running and the credentials"
-                                   ) from None
-            time.sleep(_backoff(attempt))
+        except Exception as exc:
+            # Optuna wraps a refused connection in StorageInternalError: read the chain.
+            if is_transient(exc) and time.monotonic() < deadline:
+                time.sleep(_backoff(attempt))
+                continue
+            known = (SQLAlchemyError, ImportError, ValueError, RuntimeError,
+                     optuna.exceptions.OptunaError)
+            if not isinstance(exc, known):
+                raise
+            reason = _scrub(first_line(exc.__cause__ or exc), parsed.password)
+            raise StorageError(f"cannot connect to storage {shown}: {reason}; check the URL, "
+                               "that the server is running and the credentials") from None
     if connect_patience > 0:
         retry_connects(storage.engine, connect_patience)
     if parsed.get_backend_name() == "sqlite":
@@ -192,10 +197,12 @@ def retry_connects(engine: Any, patience: float) -> None:
 
 
 #: Server answers that go away by themselves: retry them. Anything else is for a person.
-_TRANSIENT = ("too many clients", "starting up", "shutting down", "connection refused",
-              "could not connect", "server closed the connection", "terminating connection",
-              "connection reset", "timeout expired", "database is locked",
-              "recovery mode", "connection already closed", "ssl syscall")
+_TRANSIENT = (
+    "too many clients", "remaining connection slots are reserved", "starting up",
+    "shutting down", "connection refused", "could not connect", "server closed the connection",
+    "terminating connection", "connection reset", "timeout expired", "database is locked",
+    "recovery mode", "connection already closed", "ssl syscall",
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -261,10 +268,19 @@ class StudyLock:
             engine = create_engine(self._url, poolclass=NullPool)
             if self._patience > 0:
                 retry_connects(engine, self._patience)
-            conn = engine.connect()
-            conn.execute(text("SELECT pg_advisory_lock(hashtextextended(:k, 0))"),
-                         {"k": self._key})
-            self._held = (engine, conn)
+            # Poll with pg_try_advisory_lock and hang up between tries: a worker blocked in
+            # pg_advisory_lock would sit on a connection, and with many workers those
+            # waiting connections fill the server until the holder cannot open the ones its
+            # claim needs (seen with 128 workers: every worker stuck at "too many clients").
+            for attempt in itertools.count():
+                conn = engine.connect()
+                got = conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))"),
+                                   {"k": self._key}).scalar_one()
+                if got:
+                    self._held = (engine, conn)
+                    return
+                conn.close()
+                time.sleep(min(1.0, 0.02 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0))
         else:
             self._held = True  # other databases: no cross-process lock (documented)
 
