@@ -22,6 +22,9 @@ __all__ = ["Objective", "OptunaReporter", "TrialPreempted", "WorkerStatus", "che
 
 log = logging.getLogger("gemma_search.objective")
 
+#: Allocator rounding and cuBLAS workspaces: below this, memory counts as back to baseline.
+LEAK_TOLERANCE_BYTES = 64 * 2**20
+
 
 class TrialPreempted(GemmaSearchError):
     """The worker was asked to stop; the trial checkpointed and is handed back for retry."""
@@ -133,6 +136,12 @@ class Objective:
         except OutOfMemory:
             trial.set_user_attr("stop_reason", "oom")
             raise
+        finally:
+            leftover = self.base.memory_above_baseline()
+            if leftover > LEAK_TOLERANCE_BYTES:
+                log.warning("trial %s left %.1f MiB above the post-load baseline", trial.number,
+                            leftover / 2**20)
+                trial.set_user_attr("memory_above_baseline_bytes", leftover)
         # Metrics of the best evaluation, and what the trial cost.
         for key, value in result.metrics.items():
             trial.set_user_attr(key, value)

@@ -25,6 +25,20 @@ class BaseModel:
     device: Any
     head_state: dict[str, Any]
     """Initial weights of the classification/regression head, restored after each trial."""
+    memory_baseline: int = 0
+    """Device bytes allocated right after loading: where every trial must leave memory."""
+
+    def memory_above_baseline(self) -> int:
+        """Device bytes still allocated beyond the post-load baseline (0 on CPU).
+
+        Adapters, optimizer state and gradients that outlive a trial show up here
+        (transformers#13019, optuna#5931; DESIGN decision 8).
+        """
+        if self.device.type != "cuda":
+            return 0
+        import torch
+
+        return max(0, int(torch.cuda.memory_allocated(self.device)) - self.memory_baseline)
 
 
 def resolve_dtype(dtype: str, device_type: str) -> Any:
@@ -94,8 +108,9 @@ def load_base_model(
     model.to(device)
     head = _head(model)
     head_state = {k: v.detach().clone() for k, v in head.state_dict().items()} if head else {}
+    baseline = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
     return BaseModel(model=model, tokenizer=tokenizer, task=task, device=device,
-                     head_state=head_state)
+                     head_state=head_state, memory_baseline=baseline)
 
 
 def attach_lora(base: BaseModel, *, r: int, alpha: int, dropout: float,
