@@ -23,6 +23,7 @@ __all__ = [
     "STORAGE_ENV",
     "STORAGE_FILE_ENV",
     "StudyLock",
+    "backoff",
     "begin_immediate",
     "is_transient",
     "retry_connects",
@@ -132,7 +133,7 @@ def open_storage(url: str, *, must_exist: bool = False,
         except Exception as exc:
             # Optuna wraps a refused connection in StorageInternalError: read the chain.
             if is_transient(exc) and time.monotonic() < deadline:
-                time.sleep(_backoff(attempt))
+                time.sleep(backoff(attempt))
                 continue
             known = (SQLAlchemyError, ImportError, ValueError, RuntimeError,
                      optuna.exceptions.OptunaError)
@@ -192,7 +193,7 @@ def retry_connects(engine: Any, patience: float) -> None:
                     raise
                 log.warning("storage connection refused (%s); retrying", _scrub(
                     first_line(exc), cparams.get("password")))
-                time.sleep(_backoff(attempt))
+                time.sleep(backoff(attempt))
         raise AssertionError("unreachable")
 
 
@@ -221,7 +222,7 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _backoff(attempt: int) -> float:
+def backoff(attempt: int) -> float:
     """0.2 s, 0.4 s, ... capped at 5 s, with jitter so that 128 workers do not retry in step."""
     return min(5.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.0)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from gemma_search.errors import GemmaSearchError, first_line
 from gemma_search.spec import StorageSpec, StudySpec
-from gemma_search.storage import STORAGE_ENV, StudyLock, is_transient
+from gemma_search.storage import STORAGE_ENV, StudyLock, backoff, is_transient
 from gemma_search.study import budget_used, gpu_hours_used, load_study, split_args
 
 __all__ = ["launch", "load_resources", "run_worker"]
@@ -143,7 +143,6 @@ def run_worker(name: str, url: str, *, index: int = 0, stop: StopFlag | None = N
     """Run trials of study `name` until its budget is spent; return how many ran here."""
     import optuna
 
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     stop = stop or StopFlag()
     study, spec = load_study(name, url, heartbeat=True, worker_index=index)
@@ -188,7 +187,7 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
                                          > spec.storage.reconnect_seconds):
                 raise
             log.warning("storage unavailable (%s); retrying", first_line(exc))
-            time.sleep(min(5.0, 0.5 * 2 ** attempt))
+            time.sleep(backoff(attempt))
             attempt += 1
             continue
         finally:
@@ -202,11 +201,11 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
             time.sleep(min(spec.storage.heartbeat_interval, 10))
             continue
         last = finished[-1]
+        preempted = last.user_attrs.get("stop_reason") == "preempted"
         cut_off = objective.last_error is not None and is_transient(objective.last_error)
-        if last.user_attrs.get("stop_reason") == "preempted" or (
-                last.state == optuna.trial.TrialState.FAIL and cut_off):
+        if preempted or (last.state == optuna.trial.TrialState.FAIL and cut_off):
             requeue(study, last)  # handed back: a worker resumes it from its checkpoint
-            if last.user_attrs.get("stop_reason") == "preempted":
+            if preempted:
                 break
             continue
         failures = failures + 1 if last.state == optuna.trial.TrialState.FAIL else 0
