@@ -2,7 +2,8 @@
 
     gemma-search demo                                   # the whole flow on CPU, ~2 minutes
     gemma-search create studies/sst2_gemma2_9b.yaml     # validate a spec, create the study
-    gemma-search launch sst2-gemma2-9b --workers 8      # N worker processes on this machine
+    gemma-search launch sst2-gemma2-9b --gpus all       # one supervised worker per GPU
+    gemma-search launch demo-tiny --workers 2           # N CPU workers
     gemma-search worker sst2-gemma2-9b                  # one worker (one per GPU)
     gemma-search status sst2-gemma2-9b                  # trials by state, best, running
     gemma-search export sst2-gemma2-9b --out best/      # best config for standard tools
@@ -101,15 +102,36 @@ def worker(
 @_user_errors
 def launch(
     study: StudyArg,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes to start.")] = 1,
+    gpus: Annotated[str | None, typer.Option(
+        help="One worker per GPU: `all` or ids like 0,1,3 (each child sees only its GPU).",
+        show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="CPU workers to start (without --gpus; default 1).", show_default=False)
+    ] = None,
+    max_restarts: Annotated[int, typer.Option(
+        min=0, help="Crashes in a row after which a worker is given up on.")] = 5,
     storage: StorageOpt = None,
 ) -> None:
-    """Start N workers on this machine, show progress, wait for them."""
+    """Start supervised workers on this machine (one per GPU), show progress, wait for them.
+
+    A crashed worker is restarted with backoff; Ctrl-C or SIGTERM stops all of them, and each
+    checkpoints and re-queues its trial first.
+    """
+    from gemma_search.launcher import parse_gpus
     from gemma_search.storage import resolve_storage_url
 
+    if gpus is not None and workers is not None:
+        raise GemmaSearchError("--gpus and --workers both given: use --gpus for one worker per "
+                               "GPU, or --workers N for N CPU workers")
     url = resolve_storage_url(storage)
+    gpu_ids = None
+    if gpus is not None:
+        import os
+
+        gpu_ids = parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     try:
-        code = _launch_with_progress(study, url, workers)
+        code = _launch_with_progress(study, url, workers=workers, gpus=gpu_ids,
+                                     max_restarts=max_restarts)
     except KeyboardInterrupt:
         raise GemmaSearchError("interrupted: workers checkpointed and re-queued their trials; "
                                f"`gemma-search launch {study}` continues the study") from None
@@ -268,7 +290,7 @@ def demo(
                   f"{spec.pruner.type}, sampler {spec.sampler.type}")
 
     console.rule(f"3. search with {workers} workers")
-    code = _launch_with_progress(spec.name, url, workers)
+    code = _launch_with_progress(spec.name, url, workers=workers)
     if code != 0:
         raise GemmaSearchError(f"a demo worker exited with code {code}; see its output above")
 
@@ -280,13 +302,13 @@ def demo(
     console.print("exported: " + ", ".join(str(p) for p in paths.values()))
 
 
-def _launch_with_progress(study: str, url: str, workers: int) -> int:
-    """Run `launch` with a live progress bar fed from the storage."""
+def _launch_with_progress(study: str, url: str, **launch_args: Any) -> int:
+    """Run `launcher.launch` with a live progress bar fed from the storage."""
     from optuna.trial import TrialState
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from gemma_search.launcher import launch
     from gemma_search.study import load_study
-    from gemma_search.worker import launch
 
     loaded, spec = load_study(study, url)
     total = spec.budget.max_trials
@@ -305,7 +327,10 @@ def _launch_with_progress(study: str, url: str, workers: int) -> int:
             progress.update(task, completed=len(done),
                             detail=f"{running} running, {pruned} pruned{best}")
 
-        return launch(study, url, workers=workers, poll=poll)
+        def say(line: str) -> None:
+            progress.console.print(line, markup=False, highlight=False)
+
+        return launch(study, url, poll=poll, say=say, **launch_args)
 
 
 def _print_leaderboard(console: Any, study: str, url: str) -> None:

@@ -3,7 +3,7 @@
 A worker loads the base model and tokenizes the data once, then loops
 `study.optimize(objective, n_trials=1)`: only `optimize` heartbeats (DESIGN decision 2), and
 checking the study-wide budget between trials keeps `max_trials` a study budget, not a
-per-worker one (optuna#2907).
+per-worker one (optuna#2907). `gemma_search.launcher` starts and supervises several.
 """
 
 from __future__ import annotations
@@ -11,20 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from gemma_search.errors import GemmaSearchError, first_line
 from gemma_search.spec import StorageSpec, StudySpec
-from gemma_search.storage import STORAGE_ENV, StudyLock, backoff, is_transient
+from gemma_search.storage import StudyLock, backoff, is_transient
 from gemma_search.study import budget_used, gpu_hours_used, load_study, split_args
 
-__all__ = ["launch", "load_resources", "run_worker"]
+__all__ = ["load_resources", "run_worker"]
 
 log = logging.getLogger("gemma_search.worker")
 
@@ -279,40 +276,3 @@ def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
         except (ValueError, RuntimeError):
             continue  # finished meanwhile
         requeue(study, study.get_trials(deepcopy=False)[t.number])
-
-
-def launch(name: str, url: str, *, workers: int, threads_per_worker: int | None = None,
-           poll: Callable[[], None] | None = None, poll_seconds: float = 2.0) -> int:
-    """Start `workers` worker processes on this machine, wait for them; return a code.
-
-    The storage URL goes to the children in the environment, never on the command line, so
-    that a password does not show in process listings. Children run in their own session:
-    Ctrl-C reaches only this process, which forwards one SIGTERM (checkpoint, re-queue,
-    exit); a second Ctrl-C forwards a second SIGTERM, on which they exit at once.
-    """
-    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-    env = dict(os.environ)
-    env[STORAGE_ENV] = url
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    procs = [subprocess.Popen([sys.executable, "-m", "gemma_search", "worker", name,
-                               "--index", str(i)], env=env, start_new_session=True)
-             for i in range(workers)]
-    interrupts = 0
-    while any(p.poll() is None for p in procs):
-        try:
-            if poll is not None:
-                poll()
-            time.sleep(poll_seconds)
-        except KeyboardInterrupt:
-            interrupts += 1
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-    if poll is not None:
-        poll()
-    if interrupts:
-        raise KeyboardInterrupt
-    codes = [p.returncode for p in procs]
-    return max(codes) if codes else 0

@@ -1,0 +1,236 @@
+"""`gemma-search launch`: worker processes on one machine, one per GPU, supervised.
+
+Each child is a plain `gemma-search worker` process (DESIGN decision 12: no home-made
+scheduler beyond one machine; here the supervisor only restarts what crashed):
+
+- `--gpus all|0,1,3`: one child per GPU, `CUDA_VISIBLE_DEVICES` set to that GPU alone;
+  `--workers N`: N CPU children.
+- A child that exits 0 is done (the study's budget is spent). One that crashes (non-zero
+  exit, a signal, kill -9) is restarted after a backoff of 2, 4, 8, ... seconds (at most 60);
+  after `max_restarts` crashes in a row it is given up on, with a message saying so, and the
+  others go on. A run that lasted `STABLE_SECONDS` clears the count: crashes hours apart are
+  not "repeated".
+- Ctrl-C or SIGTERM to the launcher sends one SIGTERM to every child (each checkpoints its
+  trial, re-queues it and exits); a second sends another, on which they exit at once.
+
+The storage URL goes to the children in the environment, never on the command line, so that
+a password does not show in process listings. Children run in their own session: a Ctrl-C in
+the terminal reaches only the launcher, which decides what the children get.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gemma_search.errors import GemmaSearchError
+from gemma_search.storage import STORAGE_ENV
+
+__all__ = ["Slot", "Supervisor", "launch", "parse_gpus", "restart_delay"]
+
+log = logging.getLogger("gemma_search.launcher")
+
+#: A child that ran this long before crashing starts its crash count afresh.
+STABLE_SECONDS = 600.0
+
+
+def restart_delay(crashes: int, base: float = 2.0) -> float:
+    """Seconds to wait before restarting a child that crashed `crashes` times in a row."""
+    return min(60.0, base * 2 ** max(0, crashes - 1))
+
+
+def parse_gpus(value: str, visible: str | None = None, count: Callable[[], int] | None = None
+               ) -> list[str]:
+    """The GPU ids `--gpus` names, as `CUDA_VISIBLE_DEVICES` values for one child each.
+
+    `all` is every GPU this process sees: the entries of `CUDA_VISIBLE_DEVICES` when it is set
+    (so `CUDA_VISIBLE_DEVICES=2,3 gemma-search launch --gpus all` uses GPUs 2 and 3), else
+    0 .. device_count - 1. A list (`0,1,3`) is taken as given, UUIDs (`GPU-...`) included.
+    """
+    value = value.strip()
+    if value != "all":
+        ids = [part.strip() for part in value.split(",")]
+        if not all(ids) or not all(i.isdigit() or i.startswith(("GPU-", "MIG-")) for i in ids):
+            raise GemmaSearchError(f"--gpus {value!r} is not `all` or a list of GPU ids like "
+                                   "0,1,3")
+        if len(set(ids)) != len(ids):
+            raise GemmaSearchError(f"--gpus {value!r} names a GPU twice; one worker per GPU")
+        return ids
+    if visible is not None and visible.strip():
+        return [part.strip() for part in visible.split(",") if part.strip()]
+    n = (count or _cuda_device_count)()
+    if n == 0:
+        raise GemmaSearchError("--gpus all: no CUDA GPU is visible on this machine; use "
+                               "--workers N to run N CPU workers")
+    return [str(i) for i in range(n)]
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclass
+class Slot:
+    """One place for a worker: its index (sampler seed offset) and GPU, and its child now."""
+
+    index: int
+    gpu: str | None
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    crashes: int = 0
+    restart_at: float | None = None
+    state: str = "starting"
+    """starting, running, waiting (to restart), done, given_up, stopped."""
+    restarts: int = 0
+    last_code: int | None = None
+    history: list[int] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.index}" + (f" (GPU {self.gpu})" if self.gpu is not None else "")
+
+
+class Supervisor:
+    """Start, watch and restart the children of one `launch`."""
+
+    def __init__(self, name: str, url: str, slots: Sequence[Slot], *, threads: int,
+                 max_restarts: int = 5, base_delay: float = 2.0,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.name = name
+        self.slots = list(slots)
+        self.max_restarts = max_restarts
+        self.base_delay = base_delay
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.stopping = 0
+        env = dict(os.environ)
+        env[STORAGE_ENV] = url
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._env = env
+
+    def start(self, slot: Slot) -> None:
+        env = dict(self._env)
+        if slot.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+        slot.proc = subprocess.Popen(
+            [sys.executable, "-m", "gemma_search", "worker", self.name, "--index",
+             str(slot.index)], env=env, start_new_session=True)
+        slot.started = time.monotonic()
+        slot.state, slot.restart_at = "running", None
+
+    def step(self) -> None:
+        """Collect children that exited; restart crashed ones whose backoff has passed."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state == "waiting" and slot.restart_at is not None and now >= slot.restart_at:
+                if self.stopping:
+                    slot.state = "stopped"
+                    continue
+                slot.restarts += 1
+                self.start(slot)
+                self.say(f"{slot.label}: restarted (pid {slot.proc.pid if slot.proc else '?'}, "
+                         f"restart {slot.restarts})")
+                continue
+            if slot.state != "running" or slot.proc is None or slot.proc.poll() is None:
+                continue
+            code = slot.proc.returncode
+            slot.last_code = code
+            slot.history.append(code)
+            if code == 0:
+                slot.state = "done"
+            elif self.stopping:
+                slot.state = "stopped"
+            else:
+                self._crashed(slot, code, now)
+
+    def _crashed(self, slot: Slot, code: int, now: float) -> None:
+        if now - slot.started >= STABLE_SECONDS:
+            slot.crashes = 0
+        slot.crashes += 1
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        if slot.crashes > self.max_restarts:
+            slot.state = "given_up"
+            self.say(f"{slot.label}: crashed {slot.crashes} times in a row (last: {how}); "
+                     "giving up on it, the other workers go on. See its output above; "
+                     f"`gemma-search worker {self.name}` runs one by hand")
+            return
+        delay = restart_delay(slot.crashes, self.base_delay)
+        slot.state, slot.restart_at = "waiting", now + delay
+        self.say(f"{slot.label}: crashed ({how}); restarting in {delay:.0f} s "
+                 f"(crash {slot.crashes} of {self.max_restarts} allowed in a row)")
+
+    def stop(self) -> None:
+        """Ask every live child to checkpoint and exit (a second call: to exit at once)."""
+        self.stopping += 1
+        for slot in self.slots:
+            if slot.state == "waiting":
+                slot.state = "stopped"
+            if slot.proc is not None and slot.proc.poll() is None:
+                slot.proc.send_signal(signal.SIGTERM)
+
+    @property
+    def active(self) -> bool:
+        return any(s.state in ("running", "waiting", "starting") for s in self.slots)
+
+    def exit_code(self) -> int:
+        """0 when every child finished the study; else the worst code seen, or 1."""
+        if all(s.state == "done" for s in self.slots):
+            return 0
+        codes = [s.last_code for s in self.slots if s.last_code not in (None, 0)]
+        return max((abs(c) for c in codes if c is not None), default=1)
+
+
+def launch(name: str, url: str, *, workers: int | None = None, gpus: list[str] | None = None,
+           threads_per_worker: int | None = None, max_restarts: int = 5,
+           base_delay: float = 2.0, poll: Callable[[], None] | None = None,
+           poll_seconds: float = 1.0, say: Callable[[str], None] | None = None) -> int:
+    """Run one supervised worker per GPU (`gpus`) or `workers` CPU workers; return a code.
+
+    Raises KeyboardInterrupt after Ctrl-C or SIGTERM, once every child has exited.
+    """
+    slots = ([Slot(i, gpu) for i, gpu in enumerate(gpus)] if gpus
+             else [Slot(i, None) for i in range(workers or 1)])
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(slots))
+    sup = Supervisor(name, url, slots, threads=threads, max_restarts=max_restarts,
+                     base_delay=base_delay, say=say)
+    # SIGTERM (a container stop, `kill`) is handled like Ctrl-C: children checkpoint first.
+    # Python lets only the main thread set handlers; elsewhere the caller's handling stands.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for slot in slots:
+            sup.start(slot)
+        while sup.active:
+            try:
+                sup.step()
+                if poll is not None:
+                    poll()
+                time.sleep(poll_seconds)
+            except KeyboardInterrupt:
+                sup.stop()
+        sup.step()
+        if poll is not None:
+            poll()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    if sup.stopping:
+        raise KeyboardInterrupt
+    return sup.exit_code()
+
+
+def _raise_interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
