@@ -146,9 +146,18 @@ def status(
     study: StudyArg,
     storage: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="Refresh the view until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(
+        min=0.5, help="Seconds between refreshes with --watch.")] = 5.0,
 ) -> None:
-    """Trial counts by state, the best value and params, running trials."""
+    """The fleet (workers, GPUs, speed, heartbeats), trials by state, best value and params,
+    budget left and time to finish."""
+    import sys
+    import time
+
     from rich.console import Console
+    from rich.live import Live
 
     from gemma_search import db
     from gemma_search.status import render_status, study_status
@@ -157,11 +166,43 @@ def status(
 
     url = resolve_storage_url(storage)
     loaded, spec = load_study(study, url)
-    summary = study_status(loaded, spec, db.make_engine(url))
+    engine = db.make_engine(url)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
-    else:
-        Console().print(render_status(summary))
+        typer.echo(json.dumps(study_status(loaded, spec, engine), indent=2, default=str))
+        return
+    if not watch:
+        # Piped or captured: wide enough that the workers table is not wrapped into shreds.
+        console = Console() if sys.stdout.isatty() else Console(width=160)
+        console.print(render_status(study_status(loaded, spec, engine)))
+        return
+    with Live(render_status(study_status(loaded, spec, engine)), auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(study_status(loaded, spec, engine)), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+@_user_errors
+def dashboard(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on. Keep 127.0.0.1 and tunnel: the dashboard has no login.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")
+                    ] = 8080,
+) -> None:
+    """Serve optuna-dashboard (plots, trials, params) for a study until Ctrl-C."""
+    from gemma_search.dashboard import serve
+    from gemma_search.storage import resolve_storage_url
+
+    serve(study, resolve_storage_url(storage), host, port,
+          warn=lambda warning: typer.echo(warning, err=True),
+          ready=lambda link: typer.echo(f"dashboard of study {study!r}: open {link} "
+                                        "(Ctrl-C stops it)"))
 
 
 @app.command()
@@ -177,6 +218,23 @@ def export(
     from gemma_search.storage import resolve_storage_url
 
     paths = export_study(study, resolve_storage_url(storage), out, top_k=top_k)
+    for path in paths.values():
+        typer.echo(str(path))
+
+
+@app.command()
+@_user_errors
+def report(
+    study: StudyArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the report to.")],
+    storage: StorageOpt = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Rows of the leaderboard.")] = 10,
+) -> None:
+    """Write report.html (plots, leaderboard, importances, good regions) and summary.json."""
+    from gemma_search.report import write_report
+    from gemma_search.storage import resolve_storage_url
+
+    paths = write_report(study, resolve_storage_url(storage), out, top_k=top_k)
     for path in paths.values():
         typer.echo(str(path))
 

@@ -59,6 +59,8 @@ def create_study(spec: StudySpec, url: str) -> Any:
     else:
         study = optuna.create_study(study_name=spec.name, storage=storage,
                                     direction=spec.direction)
+        # optuna-dashboard labels its plots with this name instead of "Objective 0".
+        study.set_metric_names([spec.objective.metric])
     db.save_study_spec(engine, spec.name, text, digest)
     return study
 

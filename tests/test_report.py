@@ -1,0 +1,192 @@
+"""`gemma-search report` and parameter importance, on studies filled without training.
+
+Trials are added with Optuna directly, with the distributions the spec's search section gives,
+so the synthetic loss (a bowl in log learning rate around LR_OPT) is known exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from gemma_search.analysis import Evaluator, param_importances, recommendation
+from gemma_search.cli import app
+from gemma_search.errors import GemmaSearchError
+from gemma_search.report import PLOTS, write_report
+from gemma_search.spec import Choice, FloatRange, IntRange, StudySpec, spec_from_text
+from gemma_search.study import create_study, load_study
+
+from .conftest import demo_spec_text
+
+LR_OPT = 2.0e-3
+STEPS = 6
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _distributions(spec: StudySpec) -> dict[str, Any]:
+    """The spec's searched settings as Optuna distributions (what `space._suggest` asks)."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    out: dict[str, Any] = {}
+    for name in ("learning_rate", "optimizer", "lora_r"):
+        value = getattr(spec.search, name)
+        if isinstance(value, FloatRange):
+            out[name] = FloatDistribution(value.low, value.high, log=value.log)
+        elif isinstance(value, IntRange):
+            out[name] = IntDistribution(value.low, value.high, log=value.log)
+        elif isinstance(value, Choice):
+            out[name] = CategoricalDistribution(list(value.choices))
+    return out
+
+
+def _loss(params: dict[str, Any]) -> float:
+    """A bowl in log10(lr) around LR_OPT; optimizer and rank matter a little."""
+    return (0.3 + 0.4 * (math.log10(params["learning_rate"]) - math.log10(LR_OPT)) ** 2
+            + 0.03 * (params["optimizer"] == "sgd") + 0.01 * (params["lora_r"] == 4))
+
+
+def make_study(url: str, name: str, *, n_complete: int = 20, n_pruned: int = 8) -> None:
+    """A gemma-search study (stored spec) with finished trials and no training."""
+    import optuna
+    from optuna.trial import TrialState
+
+    # The model path need not exist: `create_study` stores the spec, `check_data` reads files.
+    spec = spec_from_text(demo_spec_text(name, Path("/nonexistent/tiny-gemma2"),
+                                         Path("/nonexistent/train.jsonl"),
+                                         Path("/nonexistent/val.jsonl")))
+    study = create_study(spec, url)
+    dists = _distributions(spec)
+    rng = random.Random(0)
+    # Mid-points of a log grid over the spec's range (LR_OPT between two), shuffled.
+    n = n_complete + n_pruned
+    lrs = [1e-4 * (3e-2 / 1e-4) ** ((i + 0.5) / n) for i in range(n)]
+    rng.shuffle(lrs)
+    # The trials furthest from the optimum are the ones the pruner cut.
+    by_badness = sorted(lrs, key=lambda lr: abs(math.log(lr / LR_OPT)), reverse=True)
+    pruned = set(by_badness[:n_pruned])
+    for lr in lrs:
+        params = {"learning_rate": lr, "optimizer": rng.choice(["adamw", "sgd"]),
+                  "lora_r": rng.choice([4, 8])}
+        final = _loss(params) + rng.gauss(0, 0.003)
+        steps = 2 if lr in pruned else STEPS
+        curve = {s: final + 1.5 * math.exp(-0.6 * s) for s in range(1, steps + 1)}
+        state = TrialState.PRUNED if lr in pruned else TrialState.COMPLETE
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=dists, intermediate_values=curve, state=state,
+            value=min(curve.values()) if state == TrialState.COMPLETE else None,
+            user_attrs={"accuracy": 0.9 - final / 10, "tokens_trained": 1000 * steps}))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    length, chunk = struct.unpack(">I4s", data[8:16])
+    assert chunk == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict[str, Path]]:
+    base = tmp_path_factory.mktemp("report")
+    url = f"sqlite:///{base / 'study.db'}"
+    make_study(url, "synthetic")
+    return url, base / "out", write_report("synthetic", url, base / "out")
+
+
+def test_report_writes_every_plot_as_a_real_png(
+        report_dir: tuple[str, Path, dict[str, Path]]) -> None:
+    _, out, paths = report_dir
+    pngs = [out / filename for filename, _ in PLOTS.values()]
+    assert set(paths) == {p.name for p in pngs} | {"report.html", "summary.json"}
+    for png in pngs:
+        width, height = png_size(png)
+        assert width > 100 and height > 100, png
+        assert png.stat().st_size > 5000, png
+    assert len({png.read_bytes() for png in pngs}) == len(pngs)
+
+
+def test_report_html_is_self_contained(report_dir: tuple[str, Path, dict[str, Path]]) -> None:
+    url, out, paths = report_dir
+    text = paths["report.html"].read_text()
+    study, spec = load_study("synthetic", url)
+    from gemma_search.export import leaderboard
+
+    for row in leaderboard(study, spec, 10):
+        assert f"<td>{row['trial']}</td>" in text
+    assert text.count("src='data:image/png;base64,") == len(PLOTS)
+    assert "http://" not in text and "https://" not in text
+    assert "skipped" not in text
+    summary = json.loads(paths["summary.json"].read_text())
+    assert summary["trials"]["complete"] == 20 and summary["trials"]["pruned"] == 8
+    assert summary["best"]["trial"] == summary["leaderboard"][0]["trial"]
+    assert all(line in text for line in summary["recommendation"]["lines"])
+
+
+def test_importance_and_recommendation_find_the_learning_rate(storage_url: str,
+                                                              tmp_path: Path) -> None:
+    name = f"imp-{tmp_path.name[-16:]}"
+    make_study(storage_url, name)
+    study, spec = load_study(name, storage_url)
+    evaluators: list[Evaluator] = ["ped-anova"]
+    if importlib.util.find_spec("sklearn") is not None:  # Optuna's fANOVA needs it
+        evaluators.append("fanova")
+    else:
+        with pytest.raises(GemmaSearchError, match="fanova needs scikit-learn"):
+            param_importances(study, evaluator="fanova")
+    for evaluator in evaluators:
+        importances = param_importances(study, evaluator=evaluator)
+        assert list(importances)[0] == "learning_rate", (evaluator, importances)
+        assert math.isclose(sum(importances.values()), 1.0)
+    rec = recommendation(study, spec)
+    json.dumps(rec)  # JSON-ready, as `status --json` prints it
+    lr = next(p for p in rec["params"] if p["name"] == "learning_rate")
+    assert rec["params"][0] is lr and lr["log"] and lr["kind"] == "float"
+    assert lr["low"] < LR_OPT < lr["high"], lr
+    assert lr["edge"] is None
+    assert rec["lines"][0].startswith("learning_rate: good trials lie in ")
+    assert "(log)" in rec["lines"][0] and "importance" in rec["lines"][0]
+    assert rec["n_complete"] == 20 and rec["n_top"] == 4
+    optimizer = next(p for p in rec["params"] if p["name"] == "optimizer")
+    assert sum(optimizer["choices"].values()) == 4
+
+
+def test_report_with_one_complete_trial_skips_plots(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    make_study(url, "young", n_complete=1, n_pruned=2)
+    paths = write_report("young", url, tmp_path / "out")
+    assert "param_importances.png" not in paths and "parallel_coordinate.png" not in paths
+    assert "intermediate_values.png" in paths and "optimization_history.png" in paths
+    text = paths["report.html"].read_text()
+    assert "skipped: 1 complete trial(s); parameter importances need at least 4" in text
+    summary = json.loads(paths["summary.json"].read_text())
+    assert summary["importances"] == {} and summary["plots"]["param_importances"] is None
+
+
+def test_report_command(report_dir: tuple[str, Path, dict[str, Path]], tmp_path: Path) -> None:
+    url, _, _ = report_dir
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", "synthetic", "--out", str(tmp_path / "r"),
+                                 "--storage", url])
+    assert result.exit_code == 0, result.output
+    printed = result.output.split()
+    assert str(tmp_path / "r" / "report.html") in printed
+    assert all(Path(p).is_file() for p in printed)
+    result = runner.invoke(app, ["report", "nope", "--out", str(tmp_path / "x"),
+                                 "--storage", url])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: study 'nope' does not exist")
+    assert not (tmp_path / "x").exists()
