@@ -6,6 +6,7 @@
     gemma-search launch demo-tiny --workers 2           # N CPU workers
     gemma-search worker sst2-gemma2-9b                  # one worker (one per GPU)
     gemma-search status sst2-gemma2-9b                  # trials by state, best, running
+    gemma-search verify sst2-gemma2-9b --top 3 --seeds 3  # re-run the best on new seeds
     gemma-search export sst2-gemma2-9b --out best/      # best config for standard tools
 
 Storage: --storage URL, else $GEMMA_SEARCH_STORAGE, else the spec's storage.url (create), else
@@ -75,7 +76,7 @@ def create(
     spec = load_spec(spec_path, overrides or [])
     check_data(spec)
     url = resolve_storage_url(storage, spec.storage.url)
-    create_study(spec, url)
+    create_study(spec, url, say=typer.echo)
     typer.echo(f"study {spec.name!r} is ready in {redact(url)}; start workers with "
                f"`gemma-search launch {spec.name}`")
 
@@ -203,6 +204,72 @@ def dashboard(
           warn=lambda warning: typer.echo(warning, err=True),
           ready=lambda link: typer.echo(f"dashboard of study {study!r}: open {link} "
                                         "(Ctrl-C stops it)"))
+
+
+@app.command()
+@_user_errors
+def verify(
+    study: StudyArg,
+    top: Annotated[int, typer.Option(min=1, help="How many of the best trials to re-run.")] = 3,
+    seeds: Annotated[int, typer.Option(min=1, help="New training seeds per trial.")] = 3,
+    gpus: Annotated[str | None, typer.Option(
+        help="Run the re-runs on one worker per GPU: `all` or ids like 0,1,3.",
+        show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="CPU workers to run them (without --gpus; default 1).", show_default=False)
+    ] = None,
+    no_run: Annotated[bool, typer.Option(
+        "--no-run", help="Only enqueue them; workers already running (or started later) "
+                         "pick them up.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    storage: StorageOpt = None,
+) -> None:
+    """Re-run the top K trials with S new seeds (tagged trials of the same study), report the
+    mean and spread; `export` then picks the best by mean."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from gemma_search.launcher import parse_gpus
+    from gemma_search.storage import resolve_storage_url
+    from gemma_search.study import load_study
+    from gemma_search.verify import enqueue_verification, verification_summary
+
+    if gpus is not None and workers is not None:
+        raise GemmaSearchError("--gpus and --workers both given: use --gpus for one worker per "
+                               "GPU, or --workers N for N CPU workers")
+    url = resolve_storage_url(storage)
+    loaded, spec = load_study(study, url)
+    added = enqueue_verification(loaded, spec, top=top, seeds=seeds)
+    if not as_json:
+        typer.echo(f"verify: {len(added)} re-run(s) enqueued "
+                   f"({top} best trial(s) x {seeds} new seed(s), earlier ones kept)")
+    pending = any(r["pending"] for r in verification_summary(loaded, spec))
+    if pending and not no_run:
+        import os
+
+        gpu_ids = parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else None
+        try:
+            code = _launch_with_progress(study, url, workers=workers, gpus=gpu_ids)
+        except KeyboardInterrupt:
+            raise GemmaSearchError("interrupted: re-runs checkpointed and re-queued; "
+                                   f"`gemma-search verify {study}` continues") from None
+        if code != 0:
+            raise GemmaSearchError(f"a worker exited with code {code}; see its output above")
+    rows = verification_summary(loaded, spec)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=f"{spec.objective.metric} on new seeds ({spec.direction}), best mean "
+                  "first")
+    for col in ("trial", "own value", "seeds", "mean", "std", "values", "pending"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["trial"]), _cell(r["original_value"]),
+                      ",".join(map(str, r["seeds"])) or "-", _cell(r["mean"]), _cell(r["std"]),
+                      " ".join(_cell(v) for v in r["values"]) or "-", str(r["pending"]))
+    Console(width=160).print(table)
+    if rows and rows[0]["mean"] is not None:
+        typer.echo(f"export picks trial {rows[0]['trial']} (best mean over its new seeds)")
 
 
 @app.command()
@@ -343,7 +410,7 @@ def demo(
                                  f"budget.max_trials={trials}",
                                  f"checkpoints.dir={workdir / 'checkpoints'}"])
     check_data(spec)
-    create_study(spec, url)
+    create_study(spec, url, say=console.print)
     console.print(f"study {spec.name!r} in {url}: up to {trials} trials, pruner "
                   f"{spec.pruner.type}, sampler {spec.sampler.type}")
 
@@ -366,7 +433,8 @@ def _launch_with_progress(study: str, url: str, **launch_args: Any) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from gemma_search.launcher import launch
-    from gemma_search.study import load_study
+    from gemma_search.study import budget_used, load_study
+    from gemma_search.verify import is_verification
 
     loaded, spec = load_study(study, url)
     total = spec.budget.max_trials
@@ -376,13 +444,16 @@ def _launch_with_progress(study: str, url: str, **launch_args: Any) -> int:
 
         def poll() -> None:
             trials = loaded.get_trials(deepcopy=False)
-            done = [t for t in trials if t.state.is_finished()]
+            finished = [t for t in trials if t.state.is_finished()]
+            # Re-queued failures count once (through their retry); verify re-runs are extra.
+            extra = [t for t in trials if is_verification(t)]
+            done = budget_used(finished) + sum(t.state.is_finished() for t in extra)
             pruned = sum(t.state == TrialState.PRUNED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
             best = ""
             if any(t.state == TrialState.COMPLETE for t in trials):
                 best = f", best {loaded.best_value:.4g}"
-            progress.update(task, completed=len(done),
+            progress.update(task, completed=done, total=total + len(extra),
                             detail=f"{running} running, {pruned} pruned{best}")
 
         def say(line: str) -> None:

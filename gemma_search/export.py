@@ -24,6 +24,7 @@ from gemma_search.spec import StudySpec, dump_spec, spec_hash
 from gemma_search.storage import redact
 from gemma_search.study import load_study
 from gemma_search.train.config import TrialConfig
+from gemma_search.verify import best_by_mean, ranked_originals
 
 __all__ = ["export_study", "leaderboard", "lora_config_kwargs", "training_args_kwargs"]
 
@@ -45,7 +46,20 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
     if not finished:
         raise StorageError(f"study {name!r} in {redact(url)} has no completed trial yet; run "
                            "workers first (`gemma-search launch`) and export when one finished")
-    best = study.best_trial
+    # With verification re-runs, the best mean over new seeds; else the best single trial.
+    chosen = best_by_mean(study, spec)
+    if chosen is not None:
+        best = study.get_trials(deepcopy=False)[chosen["trial"]]
+        selection: dict[str, Any] = {
+            "by": f"best mean {spec.objective.metric} over {chosen['n']} new seed(s) "
+                  "(gemma-search verify)",
+            "mean": chosen["mean"], "std": chosen["std"], "seeds": chosen["seeds"],
+            "values": chosen["values"], "verify_trials": chosen["verify_trials"],
+            "best_single_trial": ranked_originals(study, spec)[0].number}
+    else:
+        best = ranked_originals(study, spec)[0]
+        selection = {"by": f"best single trial by {spec.objective.metric}; run `gemma-search "
+                           "verify` to re-check the top trials on new seeds"}
     cfg = trial_config(optuna.trial.FixedTrial(best.params), spec)
     best_spec = dataclasses.replace(spec, name=f"{spec.name}-best",
                                     search=fixed_search(spec, cfg))
@@ -57,6 +71,10 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
     header = (f"# Best trial {best.number} of study {spec.name!r}: {spec.objective.metric} = "
               f"{best.value:.6g}\n# Re-run it: gemma-search create best_config.yaml && "
               "gemma-search launch " + best_spec.name + "\n")
+    if chosen is not None:
+        spread = "" if chosen["std"] is None else f" +- {chosen['std']:.3g}"
+        header += (f"# Chosen by its mean over {chosen['n']} new seed(s): "
+                   f"{chosen['mean']:.6g}{spread}\n")
     paths["best_config.yaml"].write_text(header + dump_spec(best_spec))
     hf_args, notes = training_args_kwargs(spec, cfg, output_dir=str(out / "checkpoints"))
     paths["training_args.json"].write_text(json.dumps(hf_args, indent=2) + "\n")
@@ -69,6 +87,7 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
         "metric": spec.objective.metric,
         "direction": spec.direction,
         "params": best.params,
+        "selection": selection,
         "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, int | float)},
         "base_model": spec.model.name_or_path,
         "base_model_revision": spec.model.revision,

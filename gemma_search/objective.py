@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -17,6 +18,7 @@ from gemma_search.train.checkpoint import Checkpointing
 from gemma_search.train.data import TaskData
 from gemma_search.train.engine import OutOfMemory, train_trial
 from gemma_search.train.model import BaseModel
+from gemma_search.verify import VERIFY_SEED
 
 __all__ = ["Objective", "OptunaReporter", "TrialPreempted", "WorkerStatus", "checkpoint_dir"]
 
@@ -42,8 +44,9 @@ class OptunaReporter:
     `gs_eval_metrics`, and tells the worker's status where the trial is."""
 
     def __init__(self, trial: Any, engine: Any, study_name: str,
-                 status: WorkerStatus | None = None) -> None:
+                 status: WorkerStatus | None = None, *, prunable: bool = True) -> None:
         self._trial = trial
+        self._prunable = prunable
         self._engine = engine
         self._study_name = study_name
         self._status = status
@@ -66,7 +69,7 @@ class OptunaReporter:
                                 tokens_per_second=(tokens - self._first_tokens) / elapsed)
 
     def should_prune(self) -> bool:
-        return bool(self._trial.should_prune())
+        return self._prunable and bool(self._trial.should_prune())
 
 
 def checkpoint_dir(spec: StudySpec, trial_number: int) -> Path:
@@ -114,6 +117,9 @@ class Objective:
         import optuna
 
         cfg = trial_config(trial, self.spec)
+        verifying = VERIFY_SEED in trial.user_attrs
+        if verifying:  # a re-run of a top trial on a new seed (`gemma-search verify`)
+            cfg = dataclasses.replace(cfg, seed=int(trial.user_attrs[VERIFY_SEED]))
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("gpus", 1)
         trial.set_user_attr("data_fingerprint", self.data.fingerprint)
@@ -128,7 +134,9 @@ class Objective:
             resume_from=self._predecessor_checkpoint(trial),
             on_saved=lambda step, tokens, path: db.record_checkpoint(
                 self.engine, self.spec.name, trial.number, step, tokens, str(path)))
-        reporter = OptunaReporter(trial, self.engine, self.spec.name, self.status)
+        # A verification run is never pruned: stopped early, it would measure nothing.
+        reporter = OptunaReporter(trial, self.engine, self.spec.name, self.status,
+                                  prunable=not verifying)
         try:
             result = train_trial(self.base, self.data, cfg, reporter,
                                  checkpointing=checkpointing,

@@ -42,12 +42,15 @@ __all__ = [
     "StorageSpec",
     "StudySpec",
     "TaskSpec",
+    "PRESETS",
+    "WarmStartSpec",
     "apply_overrides",
     "dump_spec",
     "load_spec",
     "spec_from_dict",
     "spec_from_text",
     "spec_hash",
+    "fit_to_search",
 ]
 
 TaskType = Literal["causal_lm", "classification", "regression"]
@@ -295,6 +298,36 @@ class CheckpointSpec:
     """Checkpoints kept per trial."""
 
 
+#: Known-good configurations a study can try first (`warm_start.presets`).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The widely used Gemma 2 LoRA recipe (QLoRA paper, Dettmers et al. 2023, and the
+    # Gemma fine-tuning guides): rank 16 on every linear layer, a constant LR of 2e-4 after a
+    # short warmup, tight gradient clipping.
+    "gemma2-lora": {
+        "lora_r": 16, "lora_alpha": 16, "lora_dropout": 0.05, "lora_targets": "all_linear",
+        "learning_rate": 2.0e-4, "optimizer": "adamw", "lr_schedule": "constant",
+        "warmup_ratio": 0.03, "max_grad_norm": 0.3,
+    },
+}
+
+
+@dataclass(frozen=True)
+class WarmStartSpec:
+    """Configurations tried first, before the sampler proposes its own (enqueued at create)."""
+
+    presets: tuple[str, ...] = ()
+    """Named known-good configurations, e.g. `[gemma2-lora]`; settings outside this spec's
+    search space are left to the sampler."""
+    configs: tuple[dict[str, Any], ...] = ()
+    """Settings to try first, e.g. `[{learning_rate: 2.0e-4, lora_r: 16}]`; each must lie in
+    the search space."""
+    from_study: str | None = None
+    """An earlier study in the same storage, on the same model and task: its best trials'
+    settings are tried first."""
+    from_study_top: int = 3
+    """How many of `from_study`'s best trials to try."""
+
+
 @dataclass(frozen=True)
 class StudySpec:
     """One search, validated."""
@@ -310,6 +343,7 @@ class StudySpec:
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
     checkpoints: CheckpointSpec = field(default_factory=CheckpointSpec)
+    warm_start: WarmStartSpec = field(default_factory=WarmStartSpec)
 
     @property
     def direction(self) -> Literal["minimize", "maximize"]:
@@ -465,6 +499,8 @@ def _parse(tp: Any, value: Any, where: str) -> Any:
     """Coerce `value` to annotation `tp`, or raise a SpecError naming `where`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is Any:
+        return value  # checked by the rule that knows what it means (e.g. fit_to_search)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)  # type: ignore[arg-type]
     if origin in (Union, types.UnionType):
@@ -652,6 +688,81 @@ def _check_rules(spec: StudySpec) -> None:
     if task.type != "classification" and any(v > 0 for v in _values(search.label_smoothing)):
         raise SpecError(f"search.label_smoothing applies to classification only; remove it "
                         f"from this {task.type} spec")
+    _check_warm_start(spec)
+
+
+def _check_warm_start(spec: StudySpec) -> None:
+    warm = spec.warm_start
+    for i, name in enumerate(warm.presets):
+        if name not in PRESETS:
+            raise SpecError(f"warm_start.presets[{i}] is {name!r} but the known presets are: "
+                            f"{', '.join(PRESETS)}")
+    for i, config in enumerate(warm.configs):
+        if not isinstance(config, dict) or not config:
+            raise SpecError(f"warm_start.configs[{i}] is {config!r} but must be a mapping of "
+                            "search settings, e.g. {learning_rate: 2.0e-4, lora_r: 16}")
+        fit_to_search(spec, config, where=f"warm_start.configs[{i}]")
+    if warm.from_study_top < 1:
+        raise SpecError(f"warm_start.from_study_top is {warm.from_study_top} but must be >= 1")
+    if warm.from_study == spec.name:
+        raise SpecError(f"warm_start.from_study is {spec.name!r}, this study itself; name an "
+                        "earlier study")
+    enqueued = len(warm.presets) + len(warm.configs)
+    if enqueued > spec.budget.max_trials:
+        raise SpecError(f"warm_start lists {enqueued} configurations but budget.max_trials is "
+                        f"{spec.budget.max_trials}; raise the budget or list fewer")
+
+
+def fit_to_search(spec: StudySpec, settings: dict[str, Any], *, where: str | None = None
+                  ) -> tuple[dict[str, Any], list[str]]:
+    """The searched settings among `settings`, as the trial's params, and what was left out.
+
+    With `where` (a spec key) every setting must fit: a SpecError names the first that does
+    not. Without it, settings that are fixed in this spec, unknown, or outside the search
+    space are left out (the sampler picks them), each with a note saying why.
+    """
+    fields = {f.name: f for f in dataclasses.fields(SearchSpec)}
+    params: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in settings.items():
+        problem = None
+        if key not in fields:
+            problem = f"{key} is not a search setting"
+        else:
+            current = getattr(spec.search, key)
+            try:
+                kind = fields[key].metadata["kind"]
+                value = _scalar(kind, value, f"{where or 'warm start'}.{key}")
+            except SpecError as exc:
+                problem = str(exc)
+            else:
+                problem = _outside(key, value, current)
+                if problem is None and not isinstance(current, FloatRange | IntRange | Choice):
+                    continue  # fixed at this very value: nothing to enqueue
+        if problem is None:
+            params[key] = value
+        elif where is not None:
+            raise SpecError(f"{where}: {problem}; change it or remove it")
+        else:
+            notes.append(problem)
+    return params, notes
+
+
+def _outside(key: str, value: Any, current: SearchValue) -> str | None:
+    """Why `value` is not a value search setting `key` can take, or None."""
+    if isinstance(current, FloatRange | IntRange):
+        if not current.low <= value <= current.high:
+            return (f"{key} {value!r} is outside search.{key} "
+                    f"[{current.low}, {current.high}]")
+        return None
+    if isinstance(current, Choice):
+        if value not in current.choices:
+            return (f"{key} {value!r} is not among search.{key} choices "
+                    f"{list(current.choices)}")
+        return None
+    if value != current:
+        return f"{key} is fixed at {current!r} in this spec, not {value!r}"
+    return None
 
 
 def _to_plain(value: Any) -> Any:

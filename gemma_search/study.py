@@ -7,11 +7,14 @@ their disk.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from gemma_search.errors import StorageError, StudyNotFoundError
 from gemma_search.spec import StudySpec, dump_spec, spec_from_text, spec_hash
 from gemma_search.storage import open_storage, redact
+from gemma_search.warm_start import enqueue_warm_start, warm_start_configs
 
 __all__ = [
     "budget_used",
@@ -24,6 +27,9 @@ __all__ = [
     "split_args",
 ]
 
+log = logging.getLogger("gemma_search.study")
+
+
 def _quiet_optuna() -> None:
     """Heartbeats, retry callbacks and grouped TPE are 'experimental' in Optuna since 2.x;
     we use them on purpose (DESIGN decision 2), so their warnings are noise to a user."""
@@ -34,7 +40,8 @@ def _quiet_optuna() -> None:
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
 
 
-def create_study(spec: StudySpec, url: str) -> Any:
+def create_study(spec: StudySpec, url: str,
+                 say: Callable[[str], None] | None = None) -> Any:
     """Create the study for `spec` in `url`; an identical existing study is reused.
 
     Brings both schemas up to date first (Optuna's and ours), so `create` is all a new
@@ -56,12 +63,17 @@ def create_study(spec: StudySpec, url: str) -> Any:
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if spec.name in names:
         study = optuna.load_study(study_name=spec.name, storage=storage)
-    else:
-        study = optuna.create_study(study_name=spec.name, storage=storage,
-                                    direction=spec.direction)
-        # optuna-dashboard labels its plots with this name instead of "Objective 0".
-        study.set_metric_names([spec.objective.metric])
+        db.save_study_spec(engine, spec.name, text, digest)
+        return study  # created before: its warm start was enqueued then
+    # Checked before anything is written: a bad from_study leaves no half-made study.
+    warm, notes = warm_start_configs(spec, url)
+    study = optuna.create_study(study_name=spec.name, storage=storage,
+                                direction=spec.direction)
+    # optuna-dashboard labels its plots with this name instead of "Objective 0".
+    study.set_metric_names([spec.objective.metric])
     db.save_study_spec(engine, spec.name, text, digest)
+    for line in enqueue_warm_start(study, warm, notes):
+        (say or log.info)(line)
     return study
 
 
@@ -163,12 +175,16 @@ def budget_used(trials: list[Any]) -> int:
     """Trials that count against `budget.max_trials`: running and waiting ones included.
 
     A failed trial that was re-queued (its number is in a later trial's `retry_history`) is
-    counted once, through its retry.
+    counted once, through its retry. Verification re-runs (`gemma-search verify`) are an
+    extra request on top of the budget and do not count.
     """
     from optuna.trial import TrialState
 
+    from gemma_search.verify import is_verification
+
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried)
+               and not is_verification(t))
 
 
 def split_args(spec: StudySpec) -> dict[str, Any]:
