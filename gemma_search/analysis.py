@@ -96,6 +96,10 @@ def param_importances(study: Any, *, evaluator: Evaluator = "ped-anova") -> dict
     with warnings.catch_warnings():
         # Some evaluators and `normalize` are marked experimental; we pin Optuna's major.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # PED-ANOVA warns when a conditional param (momentum) has few trials in a regime;
+        # the importance is still what there is to say, and the note would bury the table.
+        warnings.filterwarnings("ignore", message="Some regimes for parameter",
+                                category=UserWarning)
         raw = optuna.importance.get_param_importances(study, evaluator=importance_evaluator(
             evaluator))
     return {name: float(value) for name, value in

@@ -20,7 +20,7 @@ from typing import Any
 
 from gemma_search.errors import StorageError
 from gemma_search.space import fixed_search, trial_config
-from gemma_search.spec import StudySpec, dump_spec, spec_hash
+from gemma_search.spec import StudySpec, WarmStartSpec, dump_spec, spec_hash
 from gemma_search.storage import redact
 from gemma_search.study import load_study
 from gemma_search.train.config import TrialConfig
@@ -61,8 +61,9 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
         selection = {"by": f"best single trial by {spec.objective.metric}; run `gemma-search "
                            "verify` to re-check the top trials on new seeds"}
     cfg = trial_config(optuna.trial.FixedTrial(best.params), spec)
+    # Everything fixed: nothing left to warm-start.
     best_spec = dataclasses.replace(spec, name=f"{spec.name}-best",
-                                    search=fixed_search(spec, cfg))
+                                    search=fixed_search(spec, cfg), warm_start=WarmStartSpec())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {key: out / key for key in ("best_config.yaml", "training_args.json",

@@ -157,7 +157,7 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
     lock = StudyLock(url, spec.name, connect_patience=spec.storage.reconnect_seconds)
     objective = Objective(spec, base, data, status.engine, on_start=lock.release,
                           stop_requested=stop, status=status)
-    requeue = optuna.storages.RetryFailedTrialCallback(
+    requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(
         max_retry=spec.storage.max_retries, inherit_intermediate_values=True)
     finished: list[Any] = []
     failures = attempt = 0
@@ -170,9 +170,13 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
                 # catch=Exception: a broken trial is recorded as FAIL and the worker goes on.
                 study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
                                callbacks=[lambda _study, trial: finished.append(trial)])
-        except optuna.exceptions.UpdateFinishedTrialError as exc:
-            # Our trial was declared stale while it ran (its heartbeat was lost in a database
-            # outage) and was re-queued; the retry resumes it from its checkpoint.
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+            # Our trial was declared stale while it ran (its heartbeats were late: a database
+            # outage, or a machine so loaded the heartbeat thread starved) and was re-queued;
+            # the retry resumes it from its checkpoint. Optuna reports this at `tell` as
+            # UpdateFinishedTrialError or, since 5.0, as "Cannot tell a FAIL trial."
+            if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
+                raise
             log.warning("trial finished elsewhere meanwhile: %s", first_line(exc))
             continue
         except Exception as exc:
@@ -263,7 +267,7 @@ def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
                                                          stale_after=store.grace_period)
             if w["alive"] and w["state"] == "running"}
     limit = store.grace_period + 2 * store.heartbeat_interval
-    requeue = optuna.storages.RetryFailedTrialCallback(max_retry=store.max_retries,
+    requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=store.max_retries,
                                                        inherit_intermediate_values=True)
     for t in running:
         start = t.datetime_start

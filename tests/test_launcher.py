@@ -148,7 +148,7 @@ def test_ctrl_c_stops_every_worker_and_requeues_their_trials(
     url = f"sqlite:///{tmp_path / 'study.db'}"
     name = "interrupted"
     spec = create(fleet_spec(tmp_path, name, tiny_model, demo_data, max_trials=4,
-                             max_tokens=40000), url)
+                             max_tokens=40000, grace_period=60), url)
     study = optuna.load_study(study_name=spec.name, storage=url)
     proc = _launch_process(name, url, "--workers", "2")
     try:

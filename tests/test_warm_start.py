@@ -131,7 +131,8 @@ def test_warm_starts_run_first_and_exactly_once_across_workers(
         tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path],
         postgres_url: str) -> None:
     name = f"warm-{tmp_path.name[-12:]}"
-    path = fleet_spec(tmp_path, name, tiny_model, demo_data, max_trials=5, max_tokens=1600)
+    path = fleet_spec(tmp_path, name, tiny_model, demo_data, max_trials=5, max_tokens=1600,
+                      grace_period=60)
     configs = [{"learning_rate": 1.5e-3, "lora_r": 4}, {"learning_rate": 3e-3, "lora_r": 8},
                {"learning_rate": 6e-3, "lora_r": 4}]
     path.write_text(path.read_text() + "warm_start:\n  configs:\n" + "".join(
