@@ -2,7 +2,7 @@
 
 What can be checked here is: every YAML parses; compose and Kubernetes references resolve;
 GPUs and worker indexes are wired as DESIGN decision 12 says; every `gemma-search` command
-these files and docs/launch.md run exists with the options they pass; the image installs
+these files and README.md run exists with the options they pass; the image installs
 the project as README.md does; no password is committed; and the two shell wrappers (the
 SLURM batch script, the Kubernetes worker) give the worker exactly one SIGTERM and exit as
 SLURM and the Job controller need.
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 K8S = DOCKER / "k8s"
 SBATCH = DOCKER / "slurm" / "workers.sbatch"
-LAUNCH_DOC = REPO / "docs" / "launch.md"
+LAUNCH_DOC = REPO / "README.md"
 GRACE_SECONDS = 120  # a worker needs one optimizer step and a checkpoint after SIGTERM
 
 
@@ -210,7 +210,7 @@ def test_every_gemma_search_command_in_the_deploy_files_exists() -> None:
     invocations = _invocations()
     names = {" ".join(argv[:2]) if argv[:1] == ["db"] else argv[0]
              for _, argv in invocations if argv}
-    # The extraction itself: each of these is run somewhere in docker/ or docs/launch.md.
+    # The extraction itself: each of these is run somewhere in docker/ or README.md.
     assert {"worker", "launch", "dashboard", "db upgrade", "create", "status",
             "export"} <= names, names
     problems = [f"{where}: gemma-search {' '.join(argv)}: {why}"
@@ -456,7 +456,7 @@ def test_password_rule() -> None:
 
 
 def test_no_password_is_committed_under_docker() -> None:
-    files = _tracked_or_new("docker", "docs/launch.md", ".dockerignore")
+    files = _tracked_or_new("docker", "README.md", ".dockerignore")
     assert DOCKER / "compose.yaml" in files and DOCKER / "secrets/storage_url.example" in files
     leaks = {str(f.relative_to(REPO)): found for f in files
              if (found := literal_passwords(f.read_text(errors="replace")))}
