@@ -121,7 +121,7 @@ def _draw(key: str, study: Any, spec: StudySpec, rec: dict[str, Any], path: Path
                 study, evaluator=analysis.importance_evaluator(rec["evaluator"]),
                 target_name=metric)
         elif key == "parallel_coordinate":
-            ax = ovm.plot_parallel_coordinate(study, params=list(analysis.searched_params(spec)),
+            ax = ovm.plot_parallel_coordinate(study, params=_common_params(study, spec),
                                               target_name=metric)
         elif key == "slice_learning_rate":
             ax = ovm.plot_slice(study, params=["learning_rate"], target_name=metric)
@@ -131,6 +131,14 @@ def _draw(key: str, study: Any, spec: StudySpec, rec: dict[str, Any], path: Path
     fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
     _save(fig, path, close_pyplot=True)
     return None
+
+
+def _common_params(study: Any, spec: StudySpec) -> list[str]:
+    """Searched params every complete trial has. A conditional one (momentum: sgd only)
+    would leave out every trial without it, or be missing from the study altogether."""
+    complete = analysis.complete_trials(study)
+    return [name for name in analysis.searched_params(spec)
+            if complete and all(name in t.params for t in complete)]
 
 
 def _skip_reason(key: str, study: Any, spec: StudySpec, rec: dict[str, Any]) -> str | None:
@@ -144,9 +152,9 @@ def _skip_reason(key: str, study: Any, spec: StudySpec, rec: dict[str, Any]) -> 
         return "no trial has reported an evaluation yet"
     if key == "param_importances":
         return rec["importance_note"]
-    if key == "parallel_coordinate" and (len(complete) < 2 or not searched):
-        return (f"{len(complete)} complete trial(s) and {len(searched)} searched "
-                "parameter(s); parallel coordinates need 2 and 1")
+    if key == "parallel_coordinate" and (len(complete) < 2 or not _common_params(study, spec)):
+        return (f"{len(complete)} complete trial(s) and {len(_common_params(study, spec))} "
+                "searched parameter(s) they all have; parallel coordinates need 2 and 1")
     if key == "slice_learning_rate":
         if "learning_rate" not in searched:
             return "learning_rate is fixed in this study's spec"

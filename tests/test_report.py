@@ -57,15 +57,22 @@ def _loss(params: dict[str, Any]) -> float:
             + 0.03 * (params["optimizer"] == "sgd") + 0.01 * (params["lora_r"] == 4))
 
 
-def make_study(url: str, name: str, *, n_complete: int = 20, n_pruned: int = 8) -> None:
-    """A gemma-search study (stored spec) with finished trials and no training."""
+def make_study(url: str, name: str, *, n_complete: int = 20, n_pruned: int = 8,
+               searched_momentum: bool = False) -> None:
+    """A gemma-search study (stored spec) with finished trials and no training.
+
+    `searched_momentum`: the spec searches momentum, a conditional param (sgd only) that no
+    trial here has, as in a study where no sgd trial has finished yet.
+    """
     import optuna
     from optuna.trial import TrialState
 
     # The model path need not exist: `create_study` stores the spec, `check_data` reads files.
-    spec = spec_from_text(demo_spec_text(name, Path("/nonexistent/tiny-gemma2"),
-                                         Path("/nonexistent/train.jsonl"),
-                                         Path("/nonexistent/val.jsonl")))
+    text = demo_spec_text(name, Path("/nonexistent/tiny-gemma2"),
+                          Path("/nonexistent/train.jsonl"), Path("/nonexistent/val.jsonl"))
+    if searched_momentum:
+        text = text.replace("momentum: 0.9", "momentum: {low: 0.5, high: 0.95}")
+    spec = spec_from_text(text)
     study = create_study(spec, url)
     dists = _distributions(spec)
     rng = random.Random(0)
@@ -190,3 +197,11 @@ def test_report_command(report_dir: tuple[str, Path, dict[str, Path]], tmp_path:
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("error: study 'nope' does not exist")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_conditional_param_no_trial_has_does_not_break_the_report(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cond.db'}"
+    make_study(url, "cond", searched_momentum=True)
+    paths = write_report("cond", url, tmp_path / "out")
+    # Drawn over the params every complete trial has (momentum left out), not skipped.
+    assert png_size(paths["parallel_coordinate.png"])[0] > 100
