@@ -170,8 +170,13 @@ class ModelSpec:
     """Hub revision (branch, tag or commit); ignored for local folders."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights dtype; `auto` is bfloat16 on GPU and float32 on CPU."""
-    attn_implementation: Literal["eager", "flex_attention", "flash_attention_2", "sdpa"] = "eager"
-    """Attention kernel; Gemma 2 needs one that keeps the attention soft-cap (not sdpa)."""
+    attn_implementation: Literal["auto", "eager", "flex_attention", "flash_attention_2",
+                                 "sdpa"] = "auto"
+    """Attention kernel that keeps Gemma 2's attention soft-cap; `auto`: flash_attention_2
+    (flash-attn >= 2.6) or flex_attention on GPU, eager on CPU. `sdpa` drops the soft-cap and
+    is refused."""
+    quantization: Literal["none", "4bit"] = "none"
+    """`4bit`: QLoRA, the base in NF4 with bitsandbytes (GPU only), for 24-48 GB GPUs."""
     lora_target_modules: dict[str, tuple[str, ...]] = field(default_factory=_default_targets)
     """Named sets of module names LoRA may attach to; `search.lora_targets` picks one."""
 
@@ -214,6 +219,9 @@ class DataSpec:
     """Columns to rename after reading, e.g. `{content: sentence}` (SST-2's dev file)."""
     seed: int = 0
     """Seed of the subset and split choices (the same for every trial)."""
+    packing: bool = True
+    """causal_lm: pack several examples into each row, with attention kept inside each
+    example, so that no padding is trained on (other tasks: ignored)."""
 
 
 @dataclass(frozen=True)
@@ -649,7 +657,8 @@ def _check_rules(spec: StudySpec) -> None:
                         f"reports: {', '.join(metrics)}")
     if spec.model.attn_implementation == "sdpa":
         raise SpecError("model.attn_implementation is 'sdpa', which silently drops Gemma 2's "
-                        "attention soft-cap; use eager, flex_attention or flash_attention_2")
+                        "attention soft-cap; use auto, eager, flex_attention or "
+                        "flash_attention_2")
     if not 0 < data.validation_fraction < 1:
         raise SpecError(f"data.validation_fraction is {data.validation_fraction} but must be "
                         "between 0 and 1 (exclusive)")

@@ -46,7 +46,8 @@ def load_resources(spec: StudySpec) -> tuple[Any, Any]:
     num_labels = len(task.labels) if task.type == "classification" and task.labels else 1
     base = load_base_model(name_or_path=spec.model.name_or_path, revision=spec.model.revision,
                            task=task.type, num_labels=num_labels, dtype=spec.model.dtype,
-                           attn_implementation=spec.model.attn_implementation, device=device)
+                           attn_implementation=spec.model.attn_implementation, device=device,
+                           quantization=spec.model.quantization)
     task_data = load_task_data(tokenizer=base.tokenizer, max_seq_len=data.max_seq_len,
                                labels=task.labels, **split_args(spec))
     return base, task_data

@@ -12,7 +12,11 @@ from typing import Any
 
 from gemma_search.errors import TrainingError, first_line
 
-__all__ = ["BaseModel", "attach_lora", "detach_lora", "load_base_model", "resolve_dtype"]
+__all__ = ["BaseModel", "attach_lora", "detach_lora", "load_base_model", "resolve_attention",
+           "resolve_dtype"]
+
+#: flash-attn releases before 2.6 have no soft-cap: Gemma 2 would silently lose it.
+FLASH_ATTN_MIN = (2, 6)
 
 
 @dataclass
@@ -27,6 +31,10 @@ class BaseModel:
     """Initial weights of the classification/regression head, restored after each trial."""
     memory_baseline: int = 0
     """Device bytes allocated right after loading: where every trial must leave memory."""
+    attn_implementation: str = "eager"
+    """The attention kernel the model was loaded with (`auto` resolved)."""
+    quantized: bool = False
+    """The base is 4-bit (QLoRA)."""
 
     def memory_above_baseline(self) -> int:
         """Device bytes still allocated beyond the post-load baseline (0 on CPU).
@@ -39,6 +47,46 @@ class BaseModel:
         import torch
 
         return max(0, int(torch.cuda.memory_allocated(self.device)) - self.memory_baseline)
+
+
+def resolve_attention(requested: str, device_type: str) -> str:
+    """The attention kernel to load: one that keeps Gemma 2's attention soft-cap.
+
+    `auto`: flash_attention_2 when flash-attn >= 2.6 is installed on a GPU (varlen packing,
+    no [seq, seq] scores), else flex_attention on a GPU, else eager. transformers' `sdpa`
+    silently drops the soft-cap (DESIGN decision 7), so it is refused outright.
+    """
+    if requested == "sdpa":
+        raise TrainingError("model.attn_implementation is 'sdpa', which drops Gemma 2's "
+                            "attention soft-cap; use auto, eager, flex_attention or "
+                            "flash_attention_2")
+    flash = _flash_attn_version()
+    if requested == "flash_attention_2" and (flash is None or flash < FLASH_ATTN_MIN):
+        found = "not installed" if flash is None else ".".join(map(str, flash))
+        raise TrainingError(f"model.attn_implementation is 'flash_attention_2' but flash-attn "
+                            f"is {found}; Gemma 2's soft-cap needs flash-attn >= 2.6 (pip "
+                            "install 'flash-attn>=2.6'), or use auto / flex_attention")
+    if requested != "auto":
+        return requested
+    if device_type != "cuda":
+        return "eager"  # flex_attention on CPU compiles slowly and gains nothing here
+    if flash is not None and flash >= FLASH_ATTN_MIN:
+        return "flash_attention_2"
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return "eager"
+    return "flex_attention"
+
+
+def _flash_attn_version() -> tuple[int, ...] | None:
+    from importlib import metadata
+
+    try:
+        raw = metadata.version("flash-attn")
+    except metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in raw.split(".")[:2] if part.isdigit())
 
 
 def resolve_dtype(dtype: str, device_type: str) -> Any:
@@ -59,6 +107,7 @@ def load_base_model(
     dtype: str,
     attn_implementation: str,
     device: Any,
+    quantization: str = "none",
 ) -> BaseModel:
     """`from_pretrained` on a hub id or a local folder; the same path for 9B and tiny."""
     import torch
@@ -68,9 +117,7 @@ def load_base_model(
         AutoTokenizer,
     )
 
-    if attn_implementation == "sdpa":
-        raise TrainingError("model.attn_implementation is 'sdpa', which drops Gemma 2's "
-                            "attention soft-cap; use eager, flex_attention or flash_attention_2")
+    attn = resolve_attention(attn_implementation, device.type)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:
@@ -83,8 +130,10 @@ def load_base_model(
     kwargs: dict[str, Any] = {
         "revision": revision,
         "dtype": resolve_dtype(dtype, device.type),
-        "attn_implementation": attn_implementation,
+        "attn_implementation": attn,
     }
+    if quantization == "4bit":
+        kwargs.update(_four_bit(device, kwargs["dtype"]))
     # The classification/regression head is missing from the checkpoint and initialised at
     # random: seed it, so that every worker of a study starts its trials from the same head.
     torch.manual_seed(0)
@@ -105,12 +154,33 @@ def load_base_model(
     # The sequence-classification head pools the last non-pad token: it must know the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
-    model.to(device)
+    if quantization != "4bit":
+        model.to(device)  # 4-bit weights were placed by device_map and cannot be moved
     head = _head(model)
     head_state = {k: v.detach().clone() for k, v in head.state_dict().items()} if head else {}
     baseline = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
     return BaseModel(model=model, tokenizer=tokenizer, task=task, device=device,
-                     head_state=head_state, memory_baseline=baseline)
+                     head_state=head_state, memory_baseline=baseline, attn_implementation=attn,
+                     quantized=quantization == "4bit")
+
+
+def _four_bit(device: Any, compute_dtype: Any) -> dict[str, Any]:
+    """`from_pretrained` arguments for a QLoRA base: NF4 weights, double quantisation,
+    bf16 compute (Dettmers et al. 2023), placed on `device` by bitsandbytes."""
+    if device.type != "cuda":
+        raise TrainingError("model.quantization is '4bit', which needs a CUDA GPU "
+                            "(bitsandbytes); use quantization: none on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TrainingError("model.quantization is '4bit' but bitsandbytes is not installed; "
+                            "pip install bitsandbytes, or use quantization: none") from None
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute_dtype)
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
 
 
 def attach_lora(base: BaseModel, *, r: int, alpha: int, dropout: float,
