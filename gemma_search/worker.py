@@ -49,7 +49,7 @@ def load_resources(spec: StudySpec) -> tuple[Any, Any]:
                            attn_implementation=spec.model.attn_implementation, device=device,
                            quantization=spec.model.quantization)
     task_data = load_task_data(tokenizer=base.tokenizer, max_seq_len=data.max_seq_len,
-                               labels=task.labels, **split_args(spec))
+                               labels=task.labels, packing=data.packing, **split_args(spec))
     return base, task_data
 
 

@@ -15,7 +15,14 @@ import torch
 from gemma_search.demo import demo_sentences
 from gemma_search.train.config import TrialConfig
 from gemma_search.train.data import TaskData, load_task_data
-from gemma_search.train.engine import _drop_tokens, evaluate, plan_steps, train_trial
+from gemma_search.train.engine import (
+    _drop_tokens,
+    _not_first,
+    _real_tokens,
+    evaluate,
+    plan_steps,
+    train_trial,
+)
 from gemma_search.train.model import BaseModel, attach_lora, detach_lora, load_base_model
 from gemma_search.train.optim import build_optimizer, build_scheduler
 from gemma_search.train.reporter import NullReporter
@@ -182,8 +189,8 @@ def test_optimizers_and_schedules_step(name: str, schedule: str) -> None:
 
 def test_token_dropout_keeps_bos_and_padding() -> None:
     ids = torch.tensor([[2, 10, 11, 12, 0, 0]] * 64)
-    mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 64)
-    out = _drop_tokens(ids, mask, 0.5, unk_id=3)
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]] * 64)}
+    out = _drop_tokens(ids, _real_tokens(batch) & _not_first(batch), 0.5, unk_id=3)
     assert (out[:, 0] == 2).all() and (out[:, 4:] == 0).all()
     dropped = (out[:, 1:4] == 3).float().mean()
     assert 0.3 < float(dropped) < 0.7

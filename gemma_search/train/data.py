@@ -47,6 +47,10 @@ class TaskData:
     unk_token_id: int
     fingerprint: str
     """sha256 of the data files' bytes and the cut settings (for provenance)."""
+    max_seq_len: int | None = None
+    """Tokens per example after truncation: the row length packed examples fill."""
+    packing: bool = False
+    """causal_lm: pack several examples per training row (`train.packing`)."""
 
     @property
     def avg_train_tokens(self) -> float:
@@ -168,7 +172,7 @@ def read_splits(
 
 
 def load_task_data(*, tokenizer: Any, max_seq_len: int, labels: Sequence[str] | None,
-                   **split_args: Any) -> TaskData:
+                   packing: bool = False, **split_args: Any) -> TaskData:
     """Read the splits (`read_splits` arguments) and tokenize them for the task."""
     train, validation = read_splits(**split_args)
     task = split_args["task"]
@@ -195,6 +199,8 @@ def load_task_data(*, tokenizer: Any, max_seq_len: int, labels: Sequence[str] | 
         unk_token_id=int(tokenizer.unk_token_id if tokenizer.unk_token_id is not None
                          else tokenizer.pad_token_id),
         fingerprint=fingerprint_files([train_path, validation_path], repr(cut)),
+        max_seq_len=max_seq_len,
+        packing=packing and task == "causal_lm",
     )
 
 

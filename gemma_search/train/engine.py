@@ -26,8 +26,11 @@ from gemma_search.train.checkpoint import (
 )
 from gemma_search.train.config import TrialConfig
 from gemma_search.train.data import TaskData, collate
+from gemma_search.train.loss import causal_lm_loss_sum, fused_loss_available
+from gemma_search.train.memory import BatchPlan, ModelShapes, free_device_bytes, plan_batch
 from gemma_search.train.model import BaseModel, attach_lora, detach_lora
 from gemma_search.train.optim import build_optimizer, build_scheduler
+from gemma_search.train.packing import collate_packed, micro_batches, pack_rows
 from gemma_search.train.reporter import Reporter
 
 __all__ = ["MAX_OOM_RETRIES", "OutOfMemory", "TrainResult", "evaluate", "plan_steps",
@@ -66,6 +69,19 @@ class TrainResult:
     """Each out-of-memory retry: the step and the micro-batch it fell back to."""
     checkpoint: Path | None = None
     """The last checkpoint written, if any."""
+    setup_seconds: float = 0.0
+    """From the call to the first optimizer step's start: adapters, optimizer, plan."""
+    teardown_seconds: float = 0.0
+    """Adapters detached and memory freed after the run; with the next trial's setup, the
+    trial switch of a worker whose base stays resident (DESIGN decision 6)."""
+    micro_batch_size: int = 0
+    """The micro-batch the run ended with (the memory plan and OOM halvings applied)."""
+    activation_checkpointing: bool = False
+    """Whether the memory plan turned on activation checkpointing."""
+    loss_backend: str = ""
+    """causal_lm: `liger` or `chunked` fused cross-entropy; other tasks: `head`."""
+    plan: str = ""
+    """Why the memory plan chose this micro-batch and checkpointing."""
 
 
 def plan_steps(cfg: TrialConfig, n_train: int, avg_tokens: float) -> int:
@@ -92,23 +108,35 @@ def train_trial(base: BaseModel, data: TaskData, cfg: TrialConfig, reporter: Rep
     """
     import torch
 
+    entered = time.monotonic()
     _seed_everything(cfg.seed)
     if base.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(base.device)
     peft_model = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              target_modules=cfg.lora_target_modules)
+    result: TrainResult | None = None
     try:
-        return _fit(peft_model, base, data, cfg, reporter, checkpointing, stop_requested)
+        result = _fit(peft_model, base, data, cfg, reporter, checkpointing, stop_requested,
+                      entered)
+        return result
     finally:
+        leaving = time.monotonic()
+        if base.activation_checkpointing:  # the plan turned it on for this trial
+            _checkpointing(base.model, on=False)
+            base.model.disable_input_require_grads()
+            base.activation_checkpointing = False
         detach_lora(base, peft_model)
         del peft_model
         gc.collect()
         if base.device.type == "cuda":
             torch.cuda.empty_cache()
+        if result is not None:
+            result.teardown_seconds = time.monotonic() - leaving
 
 
 def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter: Reporter,
-         ckpt: Checkpointing | None, stop_requested: Callable[[], bool] | None) -> TrainResult:
+         ckpt: Checkpointing | None, stop_requested: Callable[[], bool] | None,
+         entered: float) -> TrainResult:
     from accelerate import Accelerator
 
     started = time.monotonic()
@@ -134,6 +162,18 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
     if ckpt is not None and ckpt.resume_from is not None:
         state = load_checkpoint(ckpt.resume_from, model, optimizer, scheduler)
         resumed_from = state.step
+    # 3. a micro-batch and activation checkpointing that fit the device's free memory
+    plan = _memory_plan(base, data, cfg, train_set)
+    if plan is not None:
+        if not plan.fits:
+            raise OutOfMemory(f"the memory plan finds no setting that fits: {plan.reason}")
+        if plan.micro_batch < state.micro_batch_size:  # a resumed state may be smaller yet
+            state.micro_batch_size = plan.micro_batch
+            state.gradient_accumulation_steps = plan.grad_accum
+        if plan.checkpointing:
+            _checkpointing(base.model, on=True)
+            model.enable_input_require_grads()  # frozen embeddings: let gradients reach LoRA
+            base.activation_checkpointing = True
     stream = _ExampleStream(n_train, cfg.seed, state.epoch, state.example_offset)
     last_saved: Path | None = None
 
@@ -143,9 +183,10 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
             state.epoch, state.example_offset = stream.epoch, stream.offset
             last_saved = save_checkpoint(ckpt, model, optimizer, scheduler, state)
 
-    # 3. the loop: one optimizer step per window of micro_batch x accumulation examples
+    # 4. the loop: one optimizer step per window of micro_batch x accumulation examples
     stop_reason = "completed"
     model.train()
+    setup_seconds = time.monotonic() - entered
     while state.step < total_steps:
         if stop_requested is not None and stop_requested():
             checkpoint()
@@ -195,7 +236,7 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
             checkpoint()
         model.train()
 
-    # 4. a last evaluation at the end of the run, if the last one was not there already
+    # 5. a last evaluation at the end of the run, if the last one was not there already
     history = state.history
     if stop_reason == "completed" and (not history or history[-1]["step"] != state.step):
         metrics = evaluate(model, data, device, accelerator)
@@ -219,7 +260,49 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
         resumed_from_step=resumed_from,
         oom_events=state.oom_events,
         checkpoint=last_saved,
+        setup_seconds=setup_seconds,
+        micro_batch_size=state.micro_batch_size,
+        activation_checkpointing=bool(plan and plan.checkpointing),
+        loss_backend=fused_loss_available(device) if data.task == "causal_lm" else "head",
+        plan="" if plan is None else plan.reason,
     )
+
+
+def _checkpointing(model: Any, *, on: bool) -> None:
+    """Activation checkpointing on or off: transformers 5.24 renamed gradient_checkpointing_*
+    to activation_checkpointing_* (the old names warn); 5.17, on the GPU image, has only
+    the old ones. Non-reentrant: the reentrant variant needs inputs that require grad."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _memory_plan(base: BaseModel, data: TaskData, cfg: TrialConfig,
+                 train_set: Any) -> BatchPlan | None:
+    """The batch plan for the device's free memory; None on CPU (no limit to plan for).
+
+    Checkpointing costs ~28% of throughput (DESIGN, H200 at batch 4), so it is only used
+    when the requested micro-batch does not fit otherwise (`memory.plan_batch`).
+    """
+    free = free_device_bytes(base.device)
+    if free is None:
+        return None
+    return plan_batch(
+        ModelShapes.from_config(base.model.config), free_bytes=free,
+        resident_bytes=base.memory_baseline, micro_batch=cfg.micro_batch_size,
+        grad_accum=cfg.gradient_accumulation_steps,
+        seq_len=(data.max_seq_len if data.packing and data.max_seq_len
+                 else max(1, max(train_set["length"]) if len(train_set) else 1)),
+        weight_bytes=0.55 if base.quantized else base.model.dtype.itemsize,
+        lora_r=cfg.lora_r, lora_targets=cfg.lora_target_modules, lora_dropout=cfg.lora_dropout,
+        attention=base.attn_implementation,  # type: ignore[arg-type]
+        fused_loss=True, fused_kernels=base.fused_kernels, task=cfg.task)
 
 
 def _train_window(model: Any, train_set: Any, window: list[int], data: TaskData,
@@ -258,18 +341,16 @@ def _accumulate(model: Any, train_set: Any, window: list[int], data: TaskData,
                 cfg: TrialConfig, state: TrainState, adapters: list[Any],
                 accelerator: Any) -> float:
     device = next(p.device for p in model.parameters())
-    size = state.micro_batch_size
-    micro = [window[i:i + size] for i in range(0, len(window), size)]
-    batches = [collate([train_set[i] for i in ids], data.task, data.pad_token_id)
-               for ids in micro]
+    batches = _micro_batches(model, train_set, window, data, state.micro_batch_size)
     # Normalise by the window's target count, not per micro-batch: micro-batches of causal_lm
     # differ in completion tokens (the transformers#34191 accumulation bug).
     targets = max(1, sum(_count_targets(b, data.task) for b in batches))
     window_loss, tokens = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        real = _real_tokens(batch)
         if cfg.token_dropout > 0:
-            batch["input_ids"] = _drop_tokens(batch["input_ids"], batch["attention_mask"],
+            batch["input_ids"] = _drop_tokens(batch["input_ids"], real & _not_first(batch),
                                               cfg.token_dropout, data.unk_token_id)
         with accelerator.autocast():
             loss = _loss_sum(model, batch, data.task, cfg.label_smoothing) / targets
@@ -278,7 +359,7 @@ def _accumulate(model: Any, train_set: Any, window: list[int], data: TaskData,
             loss = loss + cfg.l1_penalty * l1 / len(batches)
         accelerator.backward(loss)
         window_loss += float(loss.detach())
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(real.sum())
     state.tokens += tokens  # counted once the whole window went through
     return window_loss
 
@@ -359,19 +440,22 @@ def evaluate(model: Any, data: TaskData, device: Any, accelerator: Any) -> dict[
 
 
 def _forward(model: Any, batch: dict[str, Any]) -> Any:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # use_cache=False: training keeps no key/value cache (Gemma 2's config turns it on).
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 use_cache=False).logits
 
 
 def _loss_sum(model: Any, batch: dict[str, Any], task: str, label_smoothing: float) -> Any:
     """Summed loss of a micro-batch: masked NLL, cross-entropy or squared error."""
     import torch.nn.functional as F
 
+    if task == "causal_lm":
+        # Fused linear cross-entropy with Gemma 2's final soft-cap: the [tokens, 256k]
+        # logits are never materialised for the whole micro-batch (DESIGN decision 7).
+        return causal_lm_loss_sum(model, batch["input_ids"], batch.get("attention_mask"),
+                                  batch["labels"], batch.get("position_ids"))
     logits = _forward(model, batch).float()
     labels = batch["labels"]
-    if task == "causal_lm":
-        # Gemma 2's forward already applied the final-logit soft-cap (30.0) to `logits`.
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                               labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
     if task == "classification":
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum")
     return F.mse_loss(logits.squeeze(-1), labels, reduction="sum")
@@ -383,15 +467,49 @@ def _count_targets(batch: dict[str, Any], task: str) -> int:
     return len(batch["labels"])
 
 
-def _drop_tokens(ids: Any, mask: Any, p: float, unk_id: int) -> Any:
-    """Token-dropout augmentation: replace input tokens by <unk> with probability p.
+def _micro_batches(model: Any, train_set: Any, window: list[int], data: TaskData,
+                   size: int) -> list[dict[str, Any]]:
+    """One optimizer step's examples as micro-batches of `size` rows.
 
-    The first token (<bos>) and padding are kept; labels are untouched.
+    causal_lm with packing: the examples are packed into rows of `data.max_seq_len` tokens,
+    each attending only within itself (`train.packing`), so no padding is trained on; with
+    flash_attention_2 a micro-batch is one flat row (transformers runs its varlen kernel only
+    then). Otherwise: `size` right-padded examples per micro-batch.
     """
+    rows = [train_set[i] for i in window]
+    if data.packing:
+        groups = pack_rows(rows, data.max_seq_len or max(len(r["input_ids"]) for r in rows))
+        flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+        return [collate_packed(rows, chunk, data.pad_token_id)
+                for chunk in micro_batches(groups, size, one_row=flash)]
+    return [collate(rows[i:i + size], data.task, data.pad_token_id)
+            for i in range(0, len(rows), size)]
+
+
+def _real_tokens(batch: dict[str, Any]) -> Any:
+    """Boolean mask of the non-padding tokens of a micro-batch (packed or padded)."""
+    if "document_ids" in batch:
+        return batch["document_ids"] >= 0
+    return batch["attention_mask"].bool()
+
+
+def _not_first(batch: dict[str, Any]) -> Any:
+    """Boolean mask without each example's first token (<bos>)."""
     import torch
 
-    drop = (torch.rand(ids.shape, device=ids.device) < p) & mask.bool()
-    drop[:, 0] = False
+    if "position_ids" in batch:
+        return batch["position_ids"] > 0
+    keep = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    keep[:, 0] = False
+    return keep
+
+
+def _drop_tokens(ids: Any, droppable: Any, p: float, unk_id: int) -> Any:
+    """Token-dropout augmentation: replace `droppable` input tokens by <unk> with
+    probability p (callers keep <bos> and padding out); labels are untouched."""
+    import torch
+
+    drop = (torch.rand(ids.shape, device=ids.device) < p) & droppable
     return torch.where(drop, torch.full_like(ids, unk_id), ids)
 
 

@@ -35,6 +35,10 @@ class BaseModel:
     """The attention kernel the model was loaded with (`auto` resolved)."""
     quantized: bool = False
     """The base is 4-bit (QLoRA)."""
+    fused_kernels: bool = False
+    """Liger Kernel's RMSNorm, GeGLU and RoPE kernels are patched in (CUDA, liger-kernel)."""
+    activation_checkpointing: bool = False
+    """Turned on for the running trial by its memory plan; off again after it."""
 
     def memory_above_baseline(self) -> int:
         """Device bytes still allocated beyond the post-load baseline (0 on CPU).
@@ -156,12 +160,31 @@ def load_base_model(
     model.requires_grad_(False)
     if quantization != "4bit":
         model.to(device)  # 4-bit weights were placed by device_map and cannot be moved
+    fused = _apply_liger_kernels(model, device)
     head = _head(model)
     head_state = {k: v.detach().clone() for k, v in head.state_dict().items()} if head else {}
     baseline = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
     return BaseModel(model=model, tokenizer=tokenizer, task=task, device=device,
                      head_state=head_state, memory_baseline=baseline, attn_implementation=attn,
-                     quantized=quantization == "4bit")
+                     quantized=quantization == "4bit", fused_kernels=fused)
+
+
+def _apply_liger_kernels(model: Any, device: Any) -> bool:
+    """Patch Liger Kernel's Triton RMSNorm, GeGLU and RoPE into the loaded Gemma 2 (CUDA).
+
+    The loss is not patched here: `train.loss` fuses it, with the final soft-cap, for every
+    model head. LoRA still applies: Liger's GeGLU calls the (LoRA-wrapped) projections.
+    Without liger-kernel (`pip install gemma-search[gpu]`) the model is left as loaded.
+    """
+    if device.type != "cuda" or getattr(model.config, "model_type", "") != "gemma2":
+        return False
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_gemma2
+    except ImportError:
+        return False
+    apply_liger_kernel_to_gemma2(rope=True, rms_norm=True, geglu=True, cross_entropy=False,
+                                 fused_linear_cross_entropy=False, model=model)
+    return True
 
 
 def _four_bit(device: Any, compute_dtype: Any) -> dict[str, Any]:
