@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +110,21 @@ budget:
   eval_every_tokens: 1000
 {extra}
 """
+
+
+def finished_study(url: str, name: str, model: Path, data: tuple[Path, Path],
+                   results: tuple[tuple[float, float], ...]) -> Any:
+    """A gemma-search study of `demo_spec_text` with one COMPLETE trial per (learning rate,
+    value) in `results`, in that order, without training."""
+    from gemma_search.spec import spec_from_text
+    from gemma_search.study import create_study
+
+    study = create_study(spec_from_text(demo_spec_text(name, model, *data, max_trials=4)), url)
+    for lr, value in results:
+        study.enqueue_trial({"learning_rate": lr, "optimizer": "adamw", "lora_r": 4})
+        trial = study.ask()
+        trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True)
+        trial.suggest_categorical("optimizer", ["adamw", "sgd"])
+        trial.suggest_categorical("lora_r", [4, 8])
+        study.tell(trial, value)
+    return study

@@ -14,27 +14,20 @@ from gemma_search.spec import spec_from_text
 from gemma_search.study import budget_used, create_study
 from gemma_search.verify import enqueue_verification, verification_summary
 
-from .conftest import demo_spec_text
+from .conftest import demo_spec_text, finished_study
 from .test_cli import assert_one_line_error, run
 from .test_fleet import create, fleet_spec
 
 
-def finished_study(url: str, model: Path, data: tuple[Path, Path]) -> optuna.Study:
-    study = create_study(spec_from_text(demo_spec_text("v", model, *data, max_trials=4)), url)
-    for lr, value in ((1e-3, 0.30), (4e-3, 0.35), (2e-2, 0.90), (7e-3, 0.50)):
-        study.enqueue_trial({"learning_rate": lr, "optimizer": "adamw", "lora_r": 4})
-        trial = study.ask()
-        trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True)
-        trial.suggest_categorical("optimizer", ["adamw", "sgd"])
-        trial.suggest_categorical("lora_r", [4, 8])
-        study.tell(trial, value)
-    return study
+def verified_study(url: str, model: Path, data: tuple[Path, Path]) -> optuna.Study:
+    return finished_study(url, "v", model, data,
+                          ((1e-3, 0.30), (4e-3, 0.35), (2e-2, 0.90), (7e-3, 0.50)))
 
 
 def test_verify_enqueues_tagged_reruns_once_and_export_follows_the_mean(
         tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
     url = f"sqlite:///{tmp_path / 'v.db'}"
-    study = finished_study(url, tiny_model, demo_data)
+    study = verified_study(url, tiny_model, demo_data)
     spec = spec_from_text(demo_spec_text("v", tiny_model, *demo_data, max_trials=4))
     added = enqueue_verification(study, spec, top=2, seeds=2)
     assert added == [(0, 1), (0, 2), (1, 1), (1, 2)]  # the spec's seed is 0: new ones 1, 2
@@ -68,7 +61,7 @@ def test_verify_enqueues_tagged_reruns_once_and_export_follows_the_mean(
 def test_export_without_verification_says_how_it_chose(
         tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
     url = f"sqlite:///{tmp_path / 'v.db'}"
-    finished_study(url, tiny_model, demo_data)
+    verified_study(url, tiny_model, demo_data)
     assert run("export", "v", "--out", str(tmp_path / "best"), "--storage", url)[0] == 0
     provenance = json.loads((tmp_path / "best" / "provenance.json").read_text())
     assert provenance["trial_number"] == 0
@@ -85,7 +78,7 @@ def test_verify_no_run_json_and_errors(tmp_path: Path, tiny_model: Path,
     assert_one_line_error(code, out, "no completed trial to verify yet")
 
     url2 = f"sqlite:///{tmp_path / 'v2.db'}"
-    finished_study(url2, tiny_model, demo_data)
+    verified_study(url2, tiny_model, demo_data)
     code, out = run("verify", "v", "--top", "1", "--seeds", "3", "--no-run", "--json",
                     "--storage", url2)
     assert code == 0, out

@@ -10,9 +10,8 @@ from optuna.trial import TrialState
 
 from gemma_search.errors import SpecError
 from gemma_search.spec import PRESETS, fit_to_search, load_spec, spec_from_text
-from gemma_search.study import create_study
 
-from .conftest import demo_spec_text, write_spec
+from .conftest import demo_spec_text, finished_study, write_spec
 from .test_cli import assert_one_line_error, run
 from .test_fleet import fleet_spec
 from .test_launcher import _launch_process
@@ -83,14 +82,7 @@ def test_create_enqueues_presets_then_configs_once(tmp_path: Path, tiny_model: P
 
 
 def _finished_study(url: str, name: str, model: Path, data: tuple[Path, Path]) -> None:
-    earlier = create_study(spec_from_text(demo_spec_text(name, model, *data)), url)
-    for lr, value in ((1e-3, 0.5), (4e-3, 0.3), (2e-2, 0.9), (7e-3, 0.35)):
-        earlier.enqueue_trial({"learning_rate": lr, "optimizer": "adamw", "lora_r": 4})
-        trial = earlier.ask()
-        trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True)
-        trial.suggest_categorical("optimizer", ["adamw", "sgd"])
-        trial.suggest_categorical("lora_r", [4, 8])
-        earlier.tell(trial, value)
+    finished_study(url, name, model, data, ((1e-3, 0.5), (4e-3, 0.3), (2e-2, 0.9), (7e-3, 0.35)))
 
 
 def test_a_study_seeds_itself_from_an_earlier_studys_best(tmp_path: Path, tiny_model: Path,
