@@ -108,7 +108,7 @@ def test_status_json_shows_the_fleet_budget_and_estimate(
     assert summary["workers_alive"] == 1
     # 3 finished trials of 240 s; 4 not started + the running one: about 4 x 240 s + rest
     assert 4 * 240 <= summary["eta_seconds"] <= 5 * 240
-    assert summary["gpu_hours_used"] > 3 * 240 / 3600
+    assert summary["gpu_hours_used"] >= 3 * 240 / 3600  # 3 finished trials of 240 s, + running
     # 2 complete trials: regions yes, importances not yet, and it says why
     advice = summary["recommendation"]
     assert advice["top_trials"][0] == 1 and advice["importances"] == {}
