@@ -161,8 +161,9 @@ def status(
     from rich.live import Live
 
     from gemma_search import db
+    from gemma_search.errors import first_line
     from gemma_search.status import render_status, study_status
-    from gemma_search.storage import resolve_storage_url
+    from gemma_search.storage import is_transient, redact_text, resolve_storage_url
     from gemma_search.study import load_study
 
     url = resolve_storage_url(storage)
@@ -176,11 +177,24 @@ def status(
         console = Console() if sys.stdout.isatty() else Console(width=160)
         console.print(render_status(study_status(loaded, spec, engine)))
         return
-    with Live(render_status(study_status(loaded, spec, engine)), auto_refresh=False) as live:
+    from rich.console import Group
+    from rich.text import Text
+
+    view = render_status(study_status(loaded, spec, engine))
+    with Live(view, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(interval)
-                live.update(render_status(study_status(loaded, spec, engine)), refresh=True)
+                try:
+                    view = render_status(study_status(loaded, spec, engine))
+                    live.update(view, refresh=True)
+                except Exception as exc:  # a database restart: keep watching
+                    if not (isinstance(exc, GemmaSearchError) or is_transient(exc)):
+                        raise
+                    why = redact_text(first_line(exc), url)
+                    live.update(Group(view, Text(f"storage unreachable ({why}); showing the "
+                                                 "last view, retrying", style="red")),
+                                refresh=True)
         except KeyboardInterrupt:
             pass
 

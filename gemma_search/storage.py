@@ -29,6 +29,7 @@ __all__ = [
     "retry_connects",
     "open_storage",
     "redact",
+    "redact_text",
     "resolve_storage_url",
 ]
 
@@ -74,6 +75,17 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return "<unparsable storage URL>"
+
+
+def redact_text(text: str, url: str) -> str:
+    """`text` (a driver's message, say) with the password of `url` replaced by ***."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return _scrub(text, make_url(url).password)
+    except ArgumentError:
+        return text
 
 
 def open_storage(url: str, *, must_exist: bool = False,

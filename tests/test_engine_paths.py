@@ -79,3 +79,37 @@ def test_trial_switch_is_measured(tiny_model: Path, tmp_path: Path) -> None:
     assert 0 < result.setup_seconds < result.wall_seconds
     assert result.teardown_seconds > 0
     assert result.micro_batch_size == 16
+
+
+def test_finished_trials_release_their_optimizer_and_adapters(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU there is no allocator to read: check the references themselves. After each of
+    3 trials on the resident base, nothing keeps its optimizer or LoRA weights alive."""
+    import gc
+    import weakref
+
+    import gemma_search.train.engine as engine
+
+    base, data = load(tiny_model, tmp_path, "causal_lm")
+    optimizers: list[Any] = []
+    adapters: list[Any] = []
+    real_build = engine.build_optimizer
+
+    def tracked(params: Any, **kwargs: Any) -> Any:
+        params = list(params)
+        adapters.extend(weakref.ref(p) for p in params if p.requires_grad)
+        opt = real_build(params, **kwargs)
+        optimizers.append(weakref.ref(opt))
+        return opt
+
+    monkeypatch.setattr(engine, "build_optimizer", tracked)
+    names = set(base.model.state_dict())
+    for seed in range(3):
+        result = train_trial(base, data, make_config("causal_lm", epochs=0.5, seed=seed),
+                             NullReporter())
+        assert result.stop_reason == "completed"
+        gc.collect()
+        assert all(ref() is None for ref in optimizers), f"trial {seed}: optimizer kept"
+        assert all(ref() is None for ref in adapters), f"trial {seed}: adapter weights kept"
+        assert set(base.model.state_dict()) == names  # no lora_ keys left on the base
+    assert len(optimizers) == 3
