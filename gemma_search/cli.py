@@ -239,7 +239,11 @@ def verify(
     storage: StorageOpt = None,
 ) -> None:
     """Re-run the top K trials with S new seeds (tagged trials of the same study), report the
-    mean and spread; `export` then picks the best by mean."""
+    mean and spread; `export` then picks the best by mean.
+
+    Run it once the search has spent its budget: the workers it starts also take any search
+    trials the budget still allows.
+    """
     from rich.console import Console
     from rich.table import Table
 
