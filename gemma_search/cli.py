@@ -118,27 +118,11 @@ def launch(
     A crashed worker is restarted with backoff; Ctrl-C or SIGTERM stops all of them, and each
     checkpoints and re-queues its trial first.
     """
-    from gemma_search.launcher import parse_gpus
     from gemma_search.storage import resolve_storage_url
 
-    if gpus is not None and workers is not None:
-        raise GemmaSearchError("--gpus and --workers both given: use --gpus for one worker per "
-                               "GPU, or --workers N for N CPU workers")
-    url = resolve_storage_url(storage)
-    gpu_ids = None
-    if gpus is not None:
-        import os
-
-        gpu_ids = parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    try:
-        code = _launch_with_progress(study, url, workers=workers, gpus=gpu_ids,
-                                     max_restarts=max_restarts)
-    except KeyboardInterrupt:
-        raise GemmaSearchError("interrupted: workers checkpointed and re-queued their trials; "
-                               f"`gemma-search launch {study}` continues the study") from None
-    if code != 0:
-        raise GemmaSearchError(f"a worker of study {study!r} exited with code {code}; see its "
-                               "output above")
+    gpu_ids = _gpu_ids(gpus, workers)
+    _run_workers(study, resolve_storage_url(storage), again=f"gemma-search launch {study}",
+                 workers=workers, gpus=gpu_ids, max_restarts=max_restarts)
 
 
 @app.command()
@@ -247,33 +231,22 @@ def verify(
     from rich.console import Console
     from rich.table import Table
 
-    from gemma_search.launcher import parse_gpus
     from gemma_search.storage import resolve_storage_url
     from gemma_search.study import load_study
     from gemma_search.verify import enqueue_verification, verification_summary
 
-    if gpus is not None and workers is not None:
-        raise GemmaSearchError("--gpus and --workers both given: use --gpus for one worker per "
-                               "GPU, or --workers N for N CPU workers")
+    gpu_ids = _gpu_ids(gpus, workers)  # bad --gpus fails before anything is enqueued
     url = resolve_storage_url(storage)
     loaded, spec = load_study(study, url)
     added = enqueue_verification(loaded, spec, top=top, seeds=seeds)
     if not as_json:
         typer.echo(f"verify: {len(added)} re-run(s) enqueued "
                    f"({top} best trial(s) x {seeds} new seed(s), earlier ones kept)")
-    pending = any(r["pending"] for r in verification_summary(loaded, spec))
-    if pending and not no_run:
-        import os
-
-        gpu_ids = parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")) if gpus else None
-        try:
-            code = _launch_with_progress(study, url, workers=workers, gpus=gpu_ids)
-        except KeyboardInterrupt:
-            raise GemmaSearchError("interrupted: re-runs checkpointed and re-queued; "
-                                   f"`gemma-search verify {study}` continues") from None
-        if code != 0:
-            raise GemmaSearchError(f"a worker exited with code {code}; see its output above")
     rows = verification_summary(loaded, spec)
+    if any(r["pending"] for r in rows) and not no_run:
+        _run_workers(study, url, again=f"gemma-search verify {study}", workers=workers,
+                     gpus=gpu_ids)
+        rows = verification_summary(loaded, spec)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -443,6 +416,31 @@ def demo(
     paths = export_study(spec.name, url, workdir / "export")
     console.print(Syntax(paths["best_config.yaml"].read_text(), "yaml"))
     console.print("exported: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _gpu_ids(gpus: str | None, workers: int | None) -> list[str] | None:
+    """`--gpus` / `--workers` of `launch` and `verify`: GPU ids, or None for CPU workers."""
+    import os
+
+    from gemma_search.launcher import parse_gpus
+
+    if gpus is not None and workers is not None:
+        raise GemmaSearchError("--gpus and --workers both given: use --gpus for one worker per "
+                               "GPU, or --workers N for N CPU workers")
+    return None if gpus is None else parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _run_workers(study: str, url: str, *, again: str, **launch_args: Any) -> None:
+    """Run supervised workers with a progress bar; an interrupt or a failed worker is a
+    one-line error (`again`: the command that carries on)."""
+    try:
+        code = _launch_with_progress(study, url, **launch_args)
+    except KeyboardInterrupt:
+        raise GemmaSearchError("interrupted: workers checkpointed and re-queued their trials; "
+                               f"`{again}` continues the study") from None
+    if code != 0:
+        raise GemmaSearchError(f"a worker of study {study!r} exited with code {code}; see its "
+                               "output above")
 
 
 def _launch_with_progress(study: str, url: str, **launch_args: Any) -> int:

@@ -48,6 +48,7 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
                            "workers first (`gemma-search launch`) and export when one finished")
     # With verification re-runs, the best mean over new seeds; else the best single trial.
     chosen = best_by_mean(study, spec)
+    best_single = ranked_originals(study, spec)[0]
     if chosen is not None:
         best = study.get_trials(deepcopy=False)[chosen["trial"]]
         selection: dict[str, Any] = {
@@ -55,9 +56,9 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
                   "(gemma-search verify)",
             "mean": chosen["mean"], "std": chosen["std"], "seeds": chosen["seeds"],
             "values": chosen["values"], "verify_trials": chosen["verify_trials"],
-            "best_single_trial": ranked_originals(study, spec)[0].number}
+            "best_single_trial": best_single.number}
     else:
-        best = ranked_originals(study, spec)[0]
+        best = best_single
         selection = {"by": f"best single trial by {spec.objective.metric}; run `gemma-search "
                            "verify` to re-check the top trials on new seeds"}
     cfg = trial_config(optuna.trial.FixedTrial(best.params), spec)

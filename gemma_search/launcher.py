@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from gemma_search.errors import GemmaSearchError
@@ -93,7 +93,6 @@ class Slot:
     """starting, running, waiting (to restart), done, given_up, stopped."""
     restarts: int = 0
     last_code: int | None = None
-    history: list[int] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -146,7 +145,6 @@ class Supervisor:
                 continue
             code = slot.proc.returncode
             slot.last_code = code
-            slot.history.append(code)
             if code == 0:
                 slot.state = "done"
             elif self.stopping:
