@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"env": env, "rows": rows, "speedup": speedup}, indent=2))
 
-    print(f"\n{env['device']}, Gemma 2 {'tiny' if args.tiny else '9B'} shapes, seq "
+    print(f"\n{env['device']}, Gemma 2 {'9B' if cuda else 'tiny'} shapes, seq "
           f"{setup.seq}, LoRA r16 all linear; matmul ceiling {ceiling:.3g} TFLOP/s")
     print("| setup | batch | attention | ckpt | tokens/s | useful TFLOP/s | MFU | peak GiB "
           "| trial switch s |")

@@ -161,6 +161,14 @@ class Objective:
         trial.set_user_attr("resumed_from_step", result.resumed_from_step)
         if result.oom_events:
             trial.set_user_attr("oom_events", result.oom_events)
+        # How it ran, for the dashboard's trial page (one dict: not a metric to rank on).
+        trial.set_user_attr("engine", {
+            "attention": self.base.attn_implementation, "loss": result.loss_backend,
+            "fused_kernels": self.base.fused_kernels, "quantized": self.base.quantized,
+            "micro_batch_size": result.micro_batch_size,
+            "activation_checkpointing": result.activation_checkpointing,
+            "memory_plan": result.plan, "setup_seconds": round(result.setup_seconds, 3),
+            "teardown_seconds": round(result.teardown_seconds, 3)})
         if result.stop_reason == "preempted":
             raise TrialPreempted(f"trial {trial.number} preempted at step "
                                  f"{result.optimizer_steps}; checkpoint {result.checkpoint}")

@@ -53,6 +53,10 @@ def test_study_runs_prunes_and_exports(tmp_path: Path, tiny_model: Path,
     best = study.best_trial
     assert best.params["learning_rate"] == 2.0e-2
     assert best.user_attrs["accuracy"] > 0.7 and best.user_attrs["tokens_trained"] > 0
+    # how each trial ran is on its dashboard page, apart from the metrics
+    ran = best.user_attrs["engine"]
+    assert (ran["attention"], ran["loss"], ran["fused_kernels"]) == ("eager", "head", False)
+    assert ran["micro_batch_size"] == 16 and ran["setup_seconds"] > 0
 
     # 2. gemma-search's own tables: every evaluation, the checkpoints, the two workers
     from gemma_search import db
