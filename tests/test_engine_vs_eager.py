@@ -18,14 +18,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gemma_search.train.loss import causal_lm_loss_sum, fused_loss_available
 from gemma_search.train.model import attach_lora, load_base_model
-from gemma_search.train.packing import IGNORE_INDEX
 
 from .test_loss import LORA_TARGETS, norm_relative
-from .test_packing import LENGTHS, load_model, make_rows, packed_batches
+from .test_packing import LENGTHS, alone, load_model, make_rows, packed_batches
 
 Grads = dict[str, Any]
 
@@ -60,12 +58,8 @@ def eager_reference(path: Path, device: str, dtype: torch.dtype,
                                              target_modules=list(LORA_TARGETS)))
     total = 0.0
     for row in rows:
-        ids = torch.tensor([row["input_ids"]], device=device)
-        labels = torch.tensor(row["labels"], device=device)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            logits = model(input_ids=ids, use_cache=False).logits.float()[0]
-        loss = F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+            _, loss = alone(model, row)
         loss.backward()
         total += float(loss.detach())
     params = adapters(model)

@@ -71,5 +71,7 @@ def test_worker_trains_on_the_gpu_and_registers_it(tmp_path: Path, tiny_model: P
         assert ran["fused_kernels"] == (importlib.util.find_spec("liger_kernel") is not None)
         assert t.user_attrs.get("memory_above_baseline_bytes") is None  # nothing leaked
     print("worker trials on GPU:", [t.user_attrs["engine"] for t in trials])
-    workers = db.list_workers(db.make_engine(url), name, stale_after=120)
-    assert [w.gpu_name for w in workers] == [torch.cuda.get_device_name(0)]
+    engine = db.make_engine(url)
+    workers = db.list_workers(engine, name, stale_after=120)
+    engine.dispose()
+    assert [w["gpu_name"] for w in workers] == [torch.cuda.get_device_name(0)]
