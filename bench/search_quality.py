@@ -101,8 +101,9 @@ search:
 
 def spec_text(name: str, model: Path, data: Path, work: Path, scale: Scale, sampler: str,
               seed: int, pruner: dict[str, Any]) -> str:
-    """The study spec: SST-2 subset, a search space like studies/sst2_gemma2_9b.yaml scaled to
-    the tiny model, the strategy's sampler and pruner (unset keys keep the spec defaults)."""
+    """The study spec: SST-2 subset, a search space like the shipped study sst2_gemma2_9b
+    scaled to the tiny model, the strategy's sampler and pruner (unset keys keep the spec
+    defaults)."""
     pruner_yaml = "{" + ", ".join(f"{k}: {v}" for k, v in pruner.items()) + "}"
     return f"""
 name: {name}

@@ -1,7 +1,8 @@
 """gemma-search: hyperparameter search for LoRA fine-tuning of Gemma 2.
 
     gemma-search demo                                   # the whole flow on CPU, ~2 minutes
-    gemma-search create studies/sst2_gemma2_9b.yaml     # validate a spec, create the study
+    gemma-search studies                                # the shipped studies, to run or copy
+    gemma-search create sst2_gemma2_9b                  # validate a spec, create the study
     gemma-search launch sst2-gemma2-9b --gpus all       # one supervised worker per GPU
     gemma-search launch demo-tiny --workers 2           # N CPU workers
     gemma-search worker sst2-gemma2-9b                  # one worker (one per GPU)
@@ -63,22 +64,73 @@ def _user_errors(fn: F) -> F:
 @app.command()
 @_user_errors
 def create(
-    spec_path: Annotated[Path, typer.Argument(help="Study spec YAML (see studies/).")],
+    spec_path: Annotated[str, typer.Argument(
+        metavar="SPEC", help="Study spec YAML, or a shipped study's name (`gemma-search "
+                             "studies` lists them).")],
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a spec key: --set search.lora_r=8 (repeatable).")] = None,
     storage: StorageOpt = None,
 ) -> None:
     """Validate a spec, check its data, and create its study in the storage."""
-    from gemma_search.spec import load_spec
+    from gemma_search.spec import find_spec, load_spec
     from gemma_search.storage import redact, resolve_storage_url
     from gemma_search.study import check_data, create_study
 
-    spec = load_spec(spec_path, overrides or [])
+    path = find_spec(spec_path)
+    if str(path) != spec_path:
+        typer.echo(f"spec: the shipped study {path}")
+    spec = load_spec(path, overrides or [])
     check_data(spec)
     url = resolve_storage_url(storage, spec.storage.url)
     create_study(spec, url, say=typer.echo)
     typer.echo(f"study {spec.name!r} is ready in {redact(url)}; start workers with "
-               f"`gemma-search launch {spec.name}`")
+               f"{_launch_command(spec.name, url)}")
+
+
+@app.command()
+@_user_errors
+def studies(
+    name: Annotated[str | None, typer.Argument(
+        help="A shipped study: print its YAML (or copy it with --copy).", show_default=False)
+    ] = None,
+    copy: Annotated[Path | None, typer.Option(
+        "--copy", help="Copy the study's YAML into this folder, to edit it.",
+        show_default=False)] = None,
+) -> None:
+    """The studies that ship with gemma-search: list them, print one, or copy one to edit.
+
+    `gemma-search create NAME` runs one as it is; relative paths in it (its data) are then
+    relative to the folder you run it from.
+    """
+    from gemma_search.spec import shipped_studies
+
+    shipped = shipped_studies()
+    if name is None:
+        if copy is not None:
+            raise GemmaSearchError("--copy needs a study name: gemma-search studies NAME "
+                                   f"--copy {copy} (names: {', '.join(shipped)})")
+        width = max(map(len, shipped))
+        for study, path in shipped.items():
+            typer.echo(f"{study:<{width}}  {_first_comment(path)}")
+            typer.echo(f"{'':<{width}}  {path}")
+        typer.echo("run one: gemma-search create NAME --set data.train=PATH ...; copy one to "
+                   "edit: gemma-search studies NAME --copy DIR")
+        return
+    name = name.removesuffix(".yaml")
+    if name not in shipped:
+        raise GemmaSearchError(f"{name!r} is not a shipped study; the shipped studies are: "
+                               f"{', '.join(shipped)}")
+    if copy is None:
+        typer.echo(shipped[name].read_text(), nl=False)
+        return
+    target = copy / shipped[name].name
+    if target.exists():
+        raise GemmaSearchError(f"{target} already exists; remove it or copy into another "
+                               "folder")
+    copy.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shipped[name], target)
+    typer.echo(f"{target}: edit it, then `gemma-search create {target}` (its relative paths "
+               "are now relative to that folder)")
 
 
 @app.command()
@@ -368,8 +420,8 @@ def make_tiny_model_cmd(
 def demo(
     workdir: Annotated[Path, typer.Option("--dir", help="Where model, data, DB go.")] = Path(
         "demo-run"),
-    spec_path: Annotated[Path, typer.Option("--spec", help="Demo spec.")] = Path(
-        "studies/demo_tiny.yaml"),
+    spec_path: Annotated[str, typer.Option(
+        "--spec", help="Demo spec: a YAML path or a shipped study's name.")] = "demo_tiny",
     workers: Annotated[int, typer.Option(min=1)] = 2,
     trials: Annotated[int, typer.Option(min=1, help="budget.max_trials")] = 12,
 ) -> None:
@@ -416,6 +468,37 @@ def demo(
     paths = export_study(spec.name, url, workdir / "export")
     console.print(Syntax(paths["best_config.yaml"].read_text(), "yaml"))
     console.print("exported: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _launch_command(study: str, url: str) -> str:
+    """`gemma-search launch STUDY` in backticks, with `--storage` when `launch` would not find
+    `url` by itself ($GEMMA_SEARCH_STORAGE, its file, or the default). Never the password."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from gemma_search.storage import redact, resolve_storage_url
+
+    try:
+        found = resolve_storage_url(None)
+    except GemmaSearchError:  # an unreadable $GEMMA_SEARCH_STORAGE_FILE: name the URL
+        found = None
+    if found == url:
+        return f"`gemma-search launch {study}`"
+    command = f"`gemma-search launch {study} --storage {redact(url)}`"
+    try:
+        secret = make_url(url).password is not None
+    except ArgumentError:
+        secret = False
+    if secret:
+        command += (" with the password in place of *** (better: export GEMMA_SEARCH_STORAGE "
+                    "and leave out --storage)")
+    return command
+
+
+def _first_comment(path: Path) -> str:
+    """A shipped study's first line (`# Gemma 2 9B, sentiment ...`): what it is for."""
+    first = path.read_text().splitlines()[:1]
+    return first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
 
 
 def _gpu_ids(gpus: str | None, workers: int | None) -> list[str] | None:

@@ -19,6 +19,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -51,6 +52,8 @@ __all__ = [
     "spec_from_text",
     "spec_hash",
     "fit_to_search",
+    "find_spec",
+    "shipped_studies",
 ]
 
 TaskType = Literal["causal_lm", "classification", "regression"]
@@ -367,17 +370,43 @@ class StudySpec:
 # --------------------------------------------------------------------------- loading
 
 #: Keys whose values are paths; relative ones are resolved against the spec file's folder
-#: (or the working directory, for `--set` overrides).
+#: (or the working directory, for `--set` overrides and shipped studies).
 _PATH_KEYS = (("data", "train"), ("data", "validation"), ("model", "name_or_path"),
               ("checkpoints", "dir"))
 
 
+def shipped_studies() -> dict[str, Path]:
+    """The studies that ship inside the package (`gemma_search/studies/*.yaml`), by name: the
+    file name without `.yaml`."""
+    return {p.stem: p for p in sorted(_shipped_folder().glob("*.yaml"))}
+
+
+def find_spec(spec: str | Path) -> Path:
+    """The spec file `spec` names: a path, or else the name of a shipped study (`sst2_gemma2_9b`,
+    no folder, no `.yaml`)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_studies()
+    if str(spec) in shipped:
+        return shipped[str(spec)]
+    raise SpecError(f"spec file {path} does not exist; pass the path of a study YAML or the "
+                    f"name of a shipped study ({', '.join(shipped)}; `gemma-search studies` "
+                    "lists them)")
+
+
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
-    """Read a YAML spec file, apply `key.path=value` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"spec file {path} does not exist; pass the path of a study YAML "
-                        "(see studies/)")
+    """Read a YAML spec file (or a shipped study, by name), apply `key.path=value` overrides,
+    validate.
+
+    Relative paths in the file are relative to its folder. A shipped study's folder is inside
+    the installed package, no place for data or checkpoints, so its relative paths are
+    relative to the working directory instead, as `--set` paths are.
+    """
+    path = find_spec(path)
+    base = path.resolve().parent
+    if base == _shipped_folder().resolve():
+        base = Path.cwd()
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -388,11 +417,11 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     if not isinstance(raw, dict):
         raise SpecError(f"spec file {path} must hold a mapping of sections (name, model, task, "
                         f"data, ...), not {type(raw).__name__}")
-    _resolve_paths(raw, path.resolve().parent, only_existing_for_model=True)
+    _resolve_paths(raw, base, only_existing_for_model=True)
     raw = apply_overrides(raw, overrides)
     spec = spec_from_dict(raw)
     if not Path(spec.checkpoints.dir).is_absolute():  # the default: beside the spec file
-        folder = str((path.resolve().parent / spec.checkpoints.dir).resolve())
+        folder = str((base / spec.checkpoints.dir).resolve())
         spec = dataclasses.replace(spec, checkpoints=dataclasses.replace(spec.checkpoints,
                                                                          dir=folder))
     return spec
@@ -446,6 +475,11 @@ def spec_hash(spec: StudySpec) -> str:
 
 
 # --------------------------------------------------------------------------- internals
+
+
+def _shipped_folder() -> Path:
+    # pip installs the package as plain files, never zipped, so this is a real folder.
+    return Path(str(resources.files("gemma_search").joinpath("studies")))
 
 
 def _deep_copy(value: Any) -> Any:

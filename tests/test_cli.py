@@ -183,3 +183,80 @@ def test_db_upgrade_downgrade_commands(tmp_path: Path) -> None:
 
     tables = set(inspect(create_engine(url)).get_table_names())
     assert "trials" in tables and not any(t.startswith("gs_") for t in tables)
+
+
+def _next_line(out: str) -> str:
+    """`create`'s line that says how to start the workers."""
+    lines = [line for line in out.splitlines() if "start workers with `" in line]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def _next_command(out: str) -> str:
+    """The command `create` says starts the workers (in backticks)."""
+    return _next_line(out).split("`")[1]
+
+
+def test_create_names_the_storage_launch_needs(tmp_path: Path, spec_file: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GEMMA_SEARCH_STORAGE", raising=False)
+    monkeypatch.delenv("GEMMA_SEARCH_STORAGE_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'from-spec.db'}"
+    code, out = run("create", str(spec_file), "--set", f"storage.url={url}")
+    assert code == 0, out
+    command = _next_command(out)
+    assert command == f"gemma-search launch cli --storage {url}"
+    # The printed storage is the study's: `status` with it finds the study.
+    argv = command.split()[1:]
+    argv[0] = "status"
+    code, out = run(*argv)
+    assert code == 0 and "study cli" in out, out
+    # The storage `launch` finds by itself (the variable, the default): nothing to add.
+    monkeypatch.setenv("GEMMA_SEARCH_STORAGE", url)
+    code, out = run("create", str(spec_file), "--set", f"storage.url={url}")
+    assert code == 0 and _next_command(out) == "gemma-search launch cli", out
+    monkeypatch.delenv("GEMMA_SEARCH_STORAGE")
+    code, out = run("create", str(spec_file), "--set", "name=by-default",
+                    "--storage", "sqlite:///gemma_search.db")
+    assert code == 0 and _next_command(out) == "gemma-search launch by-default", out
+
+
+def test_create_prints_the_launch_command_without_the_password(
+        spec_file: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.delenv("GEMMA_SEARCH_STORAGE", raising=False)
+    monkeypatch.delenv("GEMMA_SEARCH_STORAGE_FILE", raising=False)
+    # The test server trusts local connections, so any password is accepted.
+    url = make_url(postgres_url).set(password="s3cret-pw").render_as_string(
+        hide_password=False)
+    code, out = run("create", str(spec_file), "--set", "name=pw-launch",
+                    "--set", f"storage.url={url}")
+    assert code == 0, out
+    assert "s3cret-pw" not in out
+    shown = make_url(url).render_as_string(hide_password=True)
+    assert ":***@" in shown
+    assert _next_command(out) == f"gemma-search launch pw-launch --storage {shown}"
+    assert "password in place of ***" in _next_line(out)
+
+
+def test_studies_lists_prints_and_copies_the_shipped_studies(tmp_path: Path) -> None:
+    from gemma_search.spec import shipped_studies
+
+    shipped = shipped_studies()
+    code, out = run("studies")
+    assert code == 0, out
+    for name, path in shipped.items():
+        assert name in out and str(path) in out
+    assert "sentiment classification on SST-2" in out  # what it is: its first line
+    code, out = run("studies", "sst2_gemma2_9b")
+    assert code == 0 and out == shipped["sst2_gemma2_9b"].read_text()
+    code, out = run("studies", "sst2_gemma2_9b", "--copy", str(tmp_path / "mine"))
+    copied = tmp_path / "mine" / "sst2_gemma2_9b.yaml"
+    assert code == 0 and str(copied) in out and f"gemma-search create {copied}" in out, out
+    assert copied.read_text() == shipped["sst2_gemma2_9b"].read_text()
+    code, out = run("studies", "sst2_gemma2_9b", "--copy", str(tmp_path / "mine"))
+    assert_one_line_error(code, out, f"{copied} already exists")
+    code, out = run("studies", "sst3")
+    assert_one_line_error(code, out, "'sst3' is not a shipped study", "sst2_gemma2_9b")

@@ -32,6 +32,7 @@ DOCKER = REPO / "docker"
 K8S = DOCKER / "k8s"
 SBATCH = DOCKER / "slurm" / "workers.sbatch"
 LAUNCH_DOC = REPO / "README.md"
+STUDIES = REPO / "gemma_search" / "studies"  # each opens with the commands that run it
 GRACE_SECONDS = 120  # a worker needs one optimizer step and a checkpoint after SIGTERM
 
 
@@ -171,7 +172,7 @@ def _invocations() -> list[tuple[str, list[str]]]:
                     for m in COMMAND_START.finditer(line):
                         found.append((f"{where}:{c['name']}", _argv(m.group("rest"))))
     files = [DOCKER / "Dockerfile", SBATCH, LAUNCH_DOC, DOCKER / "compose.yaml",
-             *sorted(K8S.glob("*.yaml"))]
+             *sorted(K8S.glob("*.yaml")), *sorted(STUDIES.glob("*.yaml"))]
     for path in files:
         for code in _code_in(path):
             if code.startswith("gemma-search "):
@@ -216,6 +217,24 @@ def test_every_gemma_search_command_in_the_deploy_files_exists() -> None:
     problems = [f"{where}: gemma-search {' '.join(argv)}: {why}"
                 for where, argv in invocations if (why := _check_invocation(argv))]
     assert not problems, "\n".join(problems)
+
+
+def test_every_spec_the_deploy_files_create_from_is_found() -> None:
+    """`create SPEC` here and in the shipped studies' headers: a shipped study's name (found
+    in the installed package, from any folder), or a path of the user's; never the
+    checkout's old studies/ folder."""
+    from gemma_search.spec import shipped_studies
+
+    env = dict(re.findall(r"^(\w+)=(\S*)$", (DOCKER / ".env.example").read_text(), re.M))
+    specs = [(where, argv[1]) for where, argv in _invocations()
+             if argv[:1] == ["create"] and len(argv) > 1 and not argv[1].isupper()]  # SPEC
+    specs.append((".env.example", env["SPEC"]))
+    assert any(where.startswith("compose.yaml") for where, _ in specs), specs
+    assert len(specs) >= 5, specs
+    for where, spec in specs:
+        assert not spec.startswith("studies/"), (where, spec)
+        if "/" not in spec and not spec.endswith(".yaml"):
+            assert spec in shipped_studies(), (where, spec)
 
 
 def test_command_check_catches_typos() -> None:
@@ -430,7 +449,7 @@ def test_dockerfile_installs_the_project_as_the_readme_does() -> None:
 def test_dockerignore_keeps_secrets_out_of_the_build_context() -> None:
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {"docker/.env", "docker/secrets", ".git", ".venv"} <= ignored
-    assert not ignored & {"alembic", "gemma_search", "studies", "tests", "pyproject.toml"}
+    assert not ignored & {"alembic", "gemma_search", "tests", "pyproject.toml"}
 
 
 # --- secrets ---------------------------------------------------------------------------------

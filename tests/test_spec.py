@@ -15,13 +15,16 @@ from gemma_search.spec import (
     IntRange,
     apply_overrides,
     dump_spec,
+    find_spec,
     load_spec,
+    shipped_studies,
     spec_from_dict,
     spec_from_text,
     spec_hash,
 )
 
-STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "gemma_search" / "studies").glob(
+    "*.yaml"))
 
 
 def raw_spec(**sections: Any) -> dict[str, Any]:
@@ -62,6 +65,33 @@ def test_studies_cover_the_required_tasks() -> None:
     assert {"classification", "causal_lm", "regression"} <= tasks
     assert any("gemma-2-9b" in m for m in models)
     assert len(STUDIES) >= 4
+
+
+def test_the_shipped_studies_are_found_by_name_from_any_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert list(shipped_studies().values()) == STUDIES
+    monkeypatch.chdir(tmp_path)
+    assert find_spec("sst2_gemma2_9b") == STUDIES[[p.stem for p in STUDIES].index(
+        "sst2_gemma2_9b")]
+    spec = load_spec("sst2_gemma2_9b")
+    # A shipped study's relative paths are the user's: relative to where they run it.
+    assert spec.data.train == str(tmp_path / "data" / "sst2" / "train.tsv")
+    assert spec.checkpoints.dir == str(tmp_path / "gemma-search-checkpoints")
+    # A file of that name in the folder is the user's own spec, and wins.
+    own = tmp_path / "sst2_gemma2_9b"
+    own.write_text(yaml.safe_dump(raw_spec(name="mine")))
+    assert load_spec("sst2_gemma2_9b").name == "mine"
+
+
+def test_a_spec_that_is_neither_a_file_nor_a_shipped_study(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as info:
+        load_spec("studies/sst2_gemma2_9b.yaml")  # the old checkout path
+    message = str(info.value)
+    assert message.startswith("spec file studies/sst2_gemma2_9b.yaml does not exist")
+    assert "sst2_gemma2_9b" in message.split(";", 1)[1] and "gemma-search studies" in message
 
 
 def test_search_values_parse_as_fixed_range_and_choice() -> None:
