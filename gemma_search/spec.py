@@ -26,6 +26,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from gemma_search.errors import SpecError
+from gemma_search.train.data import MAX_LINE_BYTES
 
 __all__ = [
     "BudgetSpec",
@@ -225,6 +226,12 @@ class DataSpec:
     packing: bool = True
     """causal_lm: pack several examples into each row, with attention kept inside each
     example, so that no padding is trained on (other tasks: ignored)."""
+    header: bool = True
+    """.csv/.tsv files: line 1 names the columns; `false`: every line is an example."""
+    columns: tuple[str, ...] | None = None
+    """.csv/.tsv files without a header (`header: false`): their column names, in order."""
+    max_line_bytes: int = MAX_LINE_BYTES
+    """Longest line a .jsonl/.csv/.tsv file may hold; a longer one is refused unread."""
 
 
 @dataclass(frozen=True)
@@ -702,6 +709,7 @@ def _check_rules(spec: StudySpec) -> None:
         value = getattr(data, key)
         if value is not None and value < 2:
             raise SpecError(f"data.{key} is {value} but must be >= 2")
+    _check_data_layout(data)
     if budget.max_trials < 1:
         raise SpecError(f"budget.max_trials is {budget.max_trials} but must be >= 1")
     if (budget.eval_every_tokens is None) == (budget.eval_every_steps is None):
@@ -734,6 +742,29 @@ def _check_rules(spec: StudySpec) -> None:
         raise SpecError(f"search.label_smoothing applies to classification only; remove it "
                         f"from this {task.type} spec")
     _check_warm_start(spec)
+
+
+def _check_data_layout(data: DataSpec) -> None:
+    """`data.header`, `data.columns` and `data.max_line_bytes` (how text files are read)."""
+    if data.header and data.columns is not None:
+        raise SpecError(f"data.columns is {list(data.columns)} but data.header is true, so line "
+                        "1 of each .csv/.tsv file names the columns; remove data.columns, or "
+                        "set data.header: false if the files have no header line")
+    if not data.header:
+        if data.columns is None:
+            raise SpecError("data.columns is missing; with data.header: false, list the columns "
+                            "of the .csv/.tsv files in order, e.g. data.columns: [label, "
+                            "sentence]")
+        for i, name in enumerate(data.columns):
+            if name in data.columns[:i]:
+                raise SpecError(f"data.columns names {name!r} twice ({list(data.columns)}); "
+                                "give each column its own name")
+        paths = [p for p in (data.train, data.validation) if p is not None]
+        if not any(Path(p).suffix.lower() in (".csv", ".tsv") for p in paths):
+            raise SpecError(f"data.header is false but no data file is .csv or .tsv "
+                            f"({', '.join(paths)}); remove data.header and data.columns")
+    if data.max_line_bytes < 1:
+        raise SpecError(f"data.max_line_bytes is {data.max_line_bytes} but must be >= 1")
 
 
 def _check_warm_start(spec: StudySpec) -> None:

@@ -203,11 +203,14 @@ def split_args(spec: StudySpec) -> dict[str, Any]:
         "max_validation_examples": data.max_validation_examples,
         "rename_columns": data.rename_columns,
         "seed": data.seed,
+        "header": data.header,
+        "columns": data.columns,
+        "max_line_bytes": data.max_line_bytes,
     }
 
 
 def check_data(spec: StudySpec) -> None:
-    """Read the spec's data files and check their columns: bad data fails before a write."""
+    """Read the spec's data files and check every row: bad data fails before a write."""
     from gemma_search.train.data import read_splits
 
-    read_splits(**split_args(spec))
+    read_splits(labels=spec.task.labels, **split_args(spec))

@@ -35,7 +35,7 @@ def test_missing_file_names_the_key_and_the_fix(tmp_path: Path) -> None:
 def test_unparsable_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok", "label": 1}\nthis is not json\n')
-    with pytest.raises(DataError, match=r"data.train file .*bad.jsonl cannot be parsed as jsonl"):
+    with pytest.raises(DataError, match=r"data.train file .*bad.jsonl line 2 is not valid JSON"):
         read_table(str(bad), "data.train")
 
 
@@ -91,7 +91,7 @@ def test_sst2_tsv_reads_with_renamed_dev_column() -> None:
         SST2 / "train.tsv", SST2 / "dev.tsv", text_column="sentence",
         rename_columns={"content": "sentence"}, max_train_examples=500))
     assert len(validation) == 872 and len(train) == 500
-    assert set(validation["label"]) == {0, 1}
+    assert set(validation["label"]) == {"0", "1"}  # delimited values: the text the file holds
 
 
 def test_causal_lm_masks_the_prompt(tmp_path: Path, tiny_model: Path) -> None:
@@ -133,6 +133,44 @@ def test_unknown_label_is_a_data_error(tmp_path: Path, tiny_model: Path) -> None
     path = tmp_path / "odd.jsonl"
     path.write_text("".join(json.dumps({"text": "x", "label": "maybe"}) + "\n"
                             for _ in range(10)))
-    with pytest.raises(DataError, match="label 'maybe' in column 'label'"):
+    # A worker reads through the same checks as `create`: the row is named before tokenizing.
+    with pytest.raises(DataError, match=r"odd.jsonl line 1, column 'label': 'maybe' is neither"):
         load_task_data(tokenizer=AutoTokenizer.from_pretrained(tiny_model), max_seq_len=16,
                        labels=["negative", "positive"], **split_args(path))
+
+
+def test_a_worker_reads_a_header_less_file_as_create_checked_it(tmp_path: Path,
+                                                                 tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "scores.tsv"
+    path.write_text("".join(f"{i / 10}\tsentence number {i}\n" for i in range(10)))
+    data = load_task_data(tokenizer=AutoTokenizer.from_pretrained(tiny_model), max_seq_len=16,
+                          labels=None, **split_args(
+                              path, None, task="regression", text_column="sentence",
+                              header=False, columns=["label", "sentence"]))
+    assert len(data.train) + len(data.validation) == 10  # line 1 is an example too
+    assert sorted([*data.train["labels"], *data.validation["labels"]]) == pytest.approx(
+        [i / 10 for i in range(10)])
+
+
+def test_an_over_long_line_is_refused_without_being_read_whole(tmp_path: Path) -> None:
+    import tracemalloc
+
+    import datasets  # noqa: F401  (imported before measuring: its import allocates a lot)
+
+    from gemma_search.train.data import MAX_LINE_BYTES
+
+    path = tmp_path / "huge.jsonl"
+    with path.open("w") as fh:
+        fh.write(json.dumps({"text": "short", "label": 1}) + "\n")
+        fh.write(json.dumps({"text": "x" * (3 * MAX_LINE_BYTES), "label": 2}) + "\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"huge.jsonl line 2 is longer than "
+                                             rf"data.max_line_bytes \({MAX_LINE_BYTES} bytes\)"):
+            read_table(str(path), "data.train")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_LINE_BYTES / 2  # read a chunk at a time, never the line
