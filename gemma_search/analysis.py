@@ -3,10 +3,10 @@
 Pure functions over an Optuna study and its `StudySpec`; `report` and `status` call them.
 Outputs are plain dicts, lists, strings and floats, so they go straight into JSON.
 
-Only COMPLETE trials with a finite value count. A pruned trial stopped early on purpose: its
-last reported value is a partial-training value, not comparable with finished trials, and
-Optuna's importance evaluators read completed trials only. Pruned trials still show in the
-report's intermediate-values plot.
+Only the trials `ranking` ranks count: COMPLETE search trials with a finite value. A pruned
+trial stopped early on purpose: its last reported value is a partial-training value, not
+comparable with finished trials, and Optuna's importance evaluators read completed trials
+only. Pruned trials still show in the report's intermediate-values plot.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import statistics
 from typing import Any, Literal
 
 from gemma_search.errors import GemmaSearchError
+from gemma_search.ranking import ranked_trials, search_trials
 from gemma_search.spec import Choice, FloatRange, IntRange, SearchSpec, StudySpec
 
 __all__ = [
@@ -43,11 +44,9 @@ _EDGE = 0.05
 
 
 def complete_trials(study: Any) -> list[Any]:
-    """COMPLETE trials with a finite value (inf/NaN would poison ranges and importances)."""
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in trials if t.value is not None and math.isfinite(t.value)]
+    """The search trials that count: COMPLETE, a finite value (inf/NaN would poison ranges and
+    importances), not a verification re-run (`ranking.search_trials`)."""
+    return search_trials(study)
 
 
 def searched_params(spec: StudySpec) -> dict[str, FloatRange | IntRange | Choice]:
@@ -144,8 +143,7 @@ def recommendation(study: Any, spec: StudySpec, top_fraction: float = 0.2, *,
     """
     if not 0 < top_fraction <= 1:
         raise GemmaSearchError(f"top_fraction is {top_fraction} but must be in (0, 1]")
-    trials = complete_trials(study)
-    trials.sort(key=lambda t: t.value, reverse=spec.direction == "maximize")
+    trials = ranked_trials(study, spec)
     # A region needs a few points to mean anything: at least MIN_TOP_TRIALS when there are.
     n_top = min(len(trials), max(MIN_TOP_TRIALS, math.ceil(top_fraction * len(trials))))
     top = trials[:n_top]

@@ -201,28 +201,36 @@ def status(
     from gemma_search.status import render_status, study_status
     from gemma_search.storage import is_transient, redact_text, resolve_storage_url
     from gemma_search.study import load_study
+    from gemma_search.verify import load_companion
 
     url = resolve_storage_url(storage)
     loaded, spec = load_study(study, url)
     engine = db.make_engine(url)
+    companion = None
+
+    def summary() -> dict[str, Any]:
+        nonlocal companion  # verify may create it while we watch
+        companion = companion or load_companion(loaded, url)
+        return study_status(loaded, spec, engine, companion=companion)
+
     if as_json:
-        typer.echo(json.dumps(study_status(loaded, spec, engine), indent=2, default=str))
+        typer.echo(json.dumps(summary(), indent=2, default=str))
         return
     if not watch:
         # Piped or captured: wide enough that the workers table is not wrapped into shreds.
         console = Console() if sys.stdout.isatty() else Console(width=160)
-        console.print(render_status(study_status(loaded, spec, engine)))
+        console.print(render_status(summary()))
         return
     from rich.console import Group
     from rich.text import Text
 
-    view = render_status(study_status(loaded, spec, engine))
+    view = render_status(summary())
     with Live(view, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(interval)
                 try:
-                    view = render_status(study_status(loaded, spec, engine))
+                    view = render_status(summary())
                     live.update(view, refresh=True)
                 except Exception as exc:  # a database restart: keep watching
                     if not (isinstance(exc, GemmaSearchError) or is_transient(exc)):
@@ -269,16 +277,17 @@ def verify(
         min=1, help="CPU workers to run them (without --gpus; default 1).", show_default=False)
     ] = None,
     no_run: Annotated[bool, typer.Option(
-        "--no-run", help="Only enqueue them; workers already running (or started later) "
-                         "pick them up.")] = False,
+        "--no-run", help="Only enqueue them; `gemma-search launch STUDY.verify` (or "
+                         "`worker STUDY.verify`) runs them later.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     storage: StorageOpt = None,
 ) -> None:
-    """Re-run the top K trials with S new seeds (tagged trials of the same study), report the
-    mean and spread; `export` then picks the best by mean.
+    """Re-run the top K trials with S new seeds, report the mean and spread; `export` then
+    picks the best by mean.
 
-    Run it once the search has spent its budget: the workers it starts also take any search
-    trials the budget still allows.
+    The re-runs are trials of a companion study, STUDY.verify (its workers run only them),
+    so STUDY keeps exactly its search trials. It re-checks the best trials finished so far:
+    run it once the search has spent its budget.
     """
     from rich.console import Console
     from rich.table import Table
@@ -290,15 +299,16 @@ def verify(
     gpu_ids = _gpu_ids(gpus, workers)  # bad --gpus fails before anything is enqueued
     url = resolve_storage_url(storage)
     loaded, spec = load_study(study, url)
-    added = enqueue_verification(loaded, spec, top=top, seeds=seeds)
+    companion, added = enqueue_verification(loaded, spec, url, top=top, seeds=seeds)
     if not as_json:
-        typer.echo(f"verify: {len(added)} re-run(s) enqueued "
-                   f"({top} best trial(s) x {seeds} new seed(s), earlier ones kept)")
-    rows = verification_summary(loaded, spec)
+        typer.echo(f"verify: {len(added)} re-run(s) enqueued in study "
+                   f"{companion.study_name!r} ({top} best trial(s) x {seeds} new seed(s), "
+                   "earlier ones kept)")
+    rows = verification_summary(loaded, spec, companion)
     if any(r["pending"] for r in rows) and not no_run:
-        _run_workers(study, url, again=f"gemma-search verify {study}", workers=workers,
-                     gpus=gpu_ids)
-        rows = verification_summary(loaded, spec)
+        _run_workers(companion.study_name, url, again=f"gemma-search verify {study}",
+                     workers=workers, gpus=gpu_ids)
+        rows = verification_summary(loaded, spec, companion)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -532,27 +542,31 @@ def _launch_with_progress(study: str, url: str, **launch_args: Any) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from gemma_search.launcher import launch
+    from gemma_search.ranking import ranked_trials
     from gemma_search.study import budget_used, load_study
-    from gemma_search.verify import is_verification
+    from gemma_search.verify import rerun_progress, search_study_of
 
     loaded, spec = load_study(study, url)
-    total = spec.budget.max_trials
+    # A verify companion's workers run exactly its enqueued re-runs; a search, its budget.
+    verifying = search_study_of(loaded) is not None
+    total = (rerun_progress(loaded.get_trials(deepcopy=False))[1] if verifying
+             else spec.budget.max_trials)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn()) as progress:
         task = progress.add_task(study, total=total, detail="starting workers")
 
         def poll() -> None:
             trials = loaded.get_trials(deepcopy=False)
-            finished = [t for t in trials if t.state.is_finished()]
-            # Re-queued failures count once (through their retry); verify re-runs are extra.
-            extra = [t for t in trials if is_verification(t)]
-            done = budget_used(finished) + sum(t.state.is_finished() for t in extra)
+            if verifying:
+                done, enqueued = rerun_progress(trials)
+            else:  # re-queued failures count once, through their retry
+                done = budget_used([t for t in trials if t.state.is_finished()])
+                enqueued = spec.budget.max_trials
             pruned = sum(t.state == TrialState.PRUNED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
-            best = ""
-            if any(t.state == TrialState.COMPLETE for t in trials):
-                best = f", best {loaded.best_value:.4g}"
-            progress.update(task, completed=done, total=total + len(extra),
+            ranked = ranked_trials(trials, spec)
+            best = f", best {ranked[0].value:.4g}" if ranked else ""
+            progress.update(task, completed=done, total=enqueued,
                             detail=f"{running} running, {pruned} pruned{best}")
 
         def say(line: str) -> None:

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from gemma_search.errors import StorageError
+from gemma_search.ranking import ranked_trials
 from gemma_search.space import fixed_search, trial_config
 from gemma_search.spec import StudySpec, WarmStartSpec, dump_spec, spec_hash
 from gemma_search.storage import redact
 from gemma_search.study import load_study
 from gemma_search.train.config import TrialConfig
-from gemma_search.verify import best_by_mean, ranked_originals
+from gemma_search.verify import export_pick, load_companion
 
 __all__ = ["export_study", "leaderboard", "lora_config_kwargs", "training_args_kwargs"]
 
@@ -42,23 +43,23 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
     import yaml
 
     study, spec = load_study(name, url)
-    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not finished:
+    # With verification re-runs, the best mean over new seeds; else the best single trial.
+    pick = export_pick(study, spec, load_companion(study, url))
+    if pick is None:
         raise StorageError(f"study {name!r} in {redact(url)} has no completed trial yet; run "
                            "workers first (`gemma-search launch`) and export when one finished")
-    # With verification re-runs, the best mean over new seeds; else the best single trial.
-    chosen = best_by_mean(study, spec)
-    best_single = ranked_originals(study, spec)[0]
+    best = next(t for t in study.get_trials(deepcopy=False) if t.number == pick["trial"])
+    chosen = pick if pick["by"] == "mean" else None
     if chosen is not None:
-        best = study.get_trials(deepcopy=False)[chosen["trial"]]
         selection: dict[str, Any] = {
             "by": f"best mean {spec.objective.metric} over {chosen['n']} new seed(s) "
                   "(gemma-search verify)",
             "mean": chosen["mean"], "std": chosen["std"], "seeds": chosen["seeds"],
             "values": chosen["values"], "verify_trials": chosen["verify_trials"],
-            "best_single_trial": best_single.number}
+            "verify_study": chosen["verify_study"],
+            "best_single_trial": chosen["best_single_trial"],
+            "best_single_value": chosen["best_single_value"]}
     else:
-        best = best_single
         selection = {"by": f"best single trial by {spec.objective.metric}; run `gemma-search "
                            "verify` to re-check the top trials on new seeds"}
     cfg = trial_config(optuna.trial.FixedTrial(best.params), spec)
@@ -163,13 +164,9 @@ def lora_config_kwargs(spec: StudySpec, cfg: TrialConfig) -> dict[str, Any]:
 
 
 def leaderboard(study: Any, spec: StudySpec, top_k: int) -> list[dict[str, Any]]:
-    """The `top_k` completed trials, best first, with params and metrics."""
-    import optuna
-
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    done.sort(key=lambda t: t.value, reverse=spec.direction == "maximize")
+    """The `top_k` best search trials (`ranking.ranked_trials`), with params and metrics."""
     rows = []
-    for rank, t in enumerate(done[:top_k], start=1):
+    for rank, t in enumerate(ranked_trials(study, spec)[:top_k], start=1):
         row: dict[str, Any] = {"rank": rank, "trial": t.number, "value": t.value}
         row.update(t.params)
         row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, int | float)})

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma_search import analysis
+from gemma_search.ranking import ranked_trials
 from gemma_search.spec import StudySpec
 
 __all__ = ["PLOTS", "write_report"]
@@ -49,12 +50,13 @@ def write_report(name: str, url: str, out_dir: str | Path, *,
     from gemma_search.status import study_status
     from gemma_search.storage import redact
     from gemma_search.study import load_study
+    from gemma_search.verify import load_companion
 
     study, spec = load_study(name, url)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    status = study_status(study, spec)
+    status = study_status(study, spec, companion=load_companion(study, url))
     importances = analysis.param_importances(study)
     rec = analysis.recommendation(study, spec, importances=importances)
     board = leaderboard(study, spec, top_k)
@@ -76,6 +78,8 @@ def write_report(name: str, url: str, out_dir: str | Path, *,
         "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         "trials": status["trials"],
         "best": status["best"],
+        "export_pick": status["export_pick"],
+        "verification": status["verification"],
         "leaderboard": board,
         "importance_evaluator": rec["evaluator"],
         "importances": importances,
@@ -177,10 +181,8 @@ def _intermediate_values(study: Any, spec: StudySpec, path: Path) -> None:
         TrialState.RUNNING: ("tab:gray", ":", "running"),
         TrialState.FAIL: ("black", ":", "failed"),
     }
-    complete = analysis.complete_trials(study)
-    best = None
-    if complete:
-        best = (max if spec.direction == "maximize" else min)(complete, key=lambda t: t.value)
+    ranked = ranked_trials(study, spec)
+    best = ranked[0] if ranked else None
     fig = Figure(figsize=(8, 5), dpi=_DPI)
     ax = fig.subplots()
     counts: dict[TrialState, int] = {}
@@ -252,12 +254,18 @@ def _html(s: dict[str, Any], out: Path) -> str:
         _table(["state", "trials"], [[k, v] for k, v in s["trials"].items()]),
     ]
     best = s["best"]
-    parts.append("<h2>Best trial</h2>")
+    parts.append("<h2>Best single trial</h2>")
     if best is None:
         parts.append("<p class='note'>no complete trial yet</p>")
     else:
         parts.append(f"<p>trial <b>{best['trial']}</b>: {e(s['metric'])} = "
                      f"<b>{e(_cell(best['value']))}</b></p>")
+        pick = s["export_pick"]
+        if pick["by"] == "mean":
+            spread = "" if pick["std"] is None else f" ± {_cell(pick['std'])}"
+            parts.append(f"<p>export picks trial <b>{pick['trial']}</b>: the best mean over "
+                         f"{pick['n']} new seed(s) (gemma-search verify), "
+                         f"{e(_cell(pick['mean']) + spread)}</p>")
         parts.append(_table(["param", "value"], list(best["params"].items())))
         if best["metrics"]:
             parts.append(_table(["metric", "value"], list(best["metrics"].items())))

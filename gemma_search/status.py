@@ -13,26 +13,50 @@ __all__ = ["estimate_seconds_left", "render_status", "study_status"]
 
 
 def study_status(study: Any, spec: StudySpec, engine: Any = None,
-                 now: datetime | None = None) -> dict[str, Any]:
+                 now: datetime | None = None, *, companion: Any = None) -> dict[str, Any]:
     """A plain summary of the study (what `status --json` prints).
 
     `engine`: of gemma-search's own tables, for the workers; without it none are listed.
+    `companion`: the study of its verification re-runs (`verify.load_companion`), for the
+    trial `export` picks; without it the pick ignores re-runs made since the companion
+    existed.
     """
     from optuna.trial import TrialState
 
     from gemma_search import db
     from gemma_search.analysis import recommendation
+    from gemma_search.ranking import ranked_trials
+    from gemma_search.verify import (
+        export_pick,
+        rerun_progress,
+        search_study_of,
+        verification_summary,
+    )
 
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): 0 for s in TrialState}
     for t in trials:
         counts[t.state.name.lower()] += 1
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    ranked = ranked_trials(trials, spec)
     best = None
-    if complete:
-        b = study.best_trial
+    if ranked:
+        b = ranked[0]
         best = {"trial": b.number, "value": b.value, "params": b.params,
                 "metrics": {k: v for k, v in b.user_attrs.items() if isinstance(v, int | float)}}
+    # A companion (`STUDY.verify`) runs exactly the re-runs enqueued in it: that is its
+    # budget; what they show belongs to the search study's status.
+    verifies = search_study_of(study)
+    used, max_trials = budget_used(trials), spec.budget.max_trials
+    verified = []
+    if verifies is None:
+        verified = verification_summary(study, spec, companion)
+    else:
+        used = max_trials = rerun_progress(trials)[1]
+    verification = None if not verified else {
+        "study": None if companion is None else companion.study_name,
+        "complete": sum(r["n"] for r in verified),
+        "pending": sum(r["pending"] for r in verified),
+        "trials": verified}
     running = [
         {"trial": t.number,
          "last_step": max(t.intermediate_values) if t.intermediate_values else None,
@@ -55,29 +79,37 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
         "study": spec.name,
         "metric": spec.objective.metric,
         "direction": spec.direction,
-        "max_trials": spec.budget.max_trials,
-        "budget_used": budget_used(trials),
+        "max_trials": max_trials,
+        "budget_used": used,
         "max_gpu_hours": max_hours,
         "gpu_hours_used": round(hours, 4),
         "gpu_hours_left": None if max_hours is None else round(max(0.0, max_hours - hours), 4),
         "trials": counts,
         "best": best,
+        "export_pick": None if verifies else export_pick(study, spec, companion),
+        "verification": verification,
+        "verifies": verifies,
         "running": running,
         "workers": workers,
         "workers_alive": alive,
-        "eta_seconds": estimate_seconds_left(trials, spec, alive, now),
-        "recommendation": recommendation(study, spec) if complete else None,
+        "eta_seconds": estimate_seconds_left(trials, spec, alive, now,
+                                             not_created=0 if verifies is not None else None),
+        "recommendation": recommendation(study, spec) if ranked else None,
     }
 
 
 def estimate_seconds_left(trials: list[Any], spec: StudySpec, workers: int,
-                          now: datetime | None = None) -> float | None:
+                          now: datetime | None = None, *,
+                          not_created: int | None = None) -> float | None:
     """Wall seconds until the study's budget is spent, at the pace of its finished trials.
 
     Trials not yet started and waiting ones each take the mean duration of the finished
     trials (pruned ones included: they are part of the pace); running ones take what is
     left of it. The work is shared by the `workers` alive now; `max_gpu_hours` caps it, as
     the study stops there. None when nothing has finished yet or no worker is alive.
+    `not_created`: trials the budget still allows that no worker has created yet (default:
+    `budget.max_trials` less `budget_used`; 0 for a verify companion, which runs only what
+    was enqueued).
     """
     from optuna.trial import TrialState
 
@@ -89,7 +121,8 @@ def estimate_seconds_left(trials: list[Any], spec: StudySpec, workers: int,
                for t in finished) / len(finished)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-    not_started = max(0, spec.budget.max_trials - budget_used(trials))
+    not_started = (max(0, spec.budget.max_trials - budget_used(trials)) if not_created is None
+                   else not_created)
     work = (not_started + waiting) * mean
     for t in running:
         start = t.datetime_start
@@ -116,15 +149,22 @@ def render_status(summary: dict[str, Any]) -> Any:
         counts.add_column(state)
     counts.add_row(*(str(summary["trials"][s]) for s in states))
     parts: list[Any] = [counts, _budget_line(summary)]
+    if summary.get("verifies"):
+        parts.append(Text(f"verification re-runs of study {summary['verifies']!r}; "
+                          f"`gemma-search status {summary['verifies']}` shows what export "
+                          "picks"))
     best = summary["best"]
     if best is not None:
-        table = Table(title=f"best: trial {best['trial']}, {summary['metric']} = "
+        table = Table(title=f"best single: trial {best['trial']}, {summary['metric']} = "
                       f"{best['value']:.6g} ({summary['direction']})")
         table.add_column("param")
         table.add_column("value")
         for key, value in best["params"].items():
             table.add_row(key, _fmt(value))
         parts.append(table)
+    lines = _pick_lines(summary)
+    if lines:
+        parts.append(Text("\n".join(lines)))
     advice = summary.get("recommendation")
     if advice:
         head = (f"what matters ({advice['evaluator']} importance over {advice['n_complete']} "
@@ -153,6 +193,25 @@ def render_status(summary: dict[str, Any]) -> Any:
                           str(r["started"] or "-")[:19])
         parts.append(table)
     return Group(*parts)
+
+
+def _pick_lines(summary: dict[str, Any]) -> list[str]:
+    """Which trial `export` picks and why; how far verification has got."""
+    pick, check = summary.get("export_pick"), summary.get("verification")
+    lines = []
+    if pick is not None and pick["by"] == "mean":
+        spread = "" if pick["std"] is None else f" ± {pick['std']:.2g}"
+        lines.append(f"export picks: trial {pick['trial']} by mean over {pick['n']} new "
+                     f"seed(s) ({pick['mean']:.4g}{spread})")
+    elif pick is not None:
+        lines.append(f"export picks: trial {pick['trial']}, the best single"
+                     + ("" if check else "; `gemma-search verify` re-checks the top trials "
+                        "on new seeds"))
+    if check and check["pending"]:
+        where = check["study"] or summary["study"]
+        lines.append(f"verify: {check['pending']} re-run(s) pending in study {where!r} "
+                     f"(`gemma-search launch {where}` runs them)")
+    return lines
 
 
 def _budget_line(summary: dict[str, Any]) -> str:

@@ -175,12 +175,13 @@ def budget_used(trials: list[Any]) -> int:
     """Trials that count against `budget.max_trials`: running and waiting ones included.
 
     A failed trial that was re-queued (its number is in a later trial's `retry_history`) is
-    counted once, through its retry. Verification re-runs (`gemma-search verify`) are an
-    extra request on top of the budget and do not count.
+    counted once, through its retry. Verification re-runs live in a study of their own
+    (`gemma_search.verify`); a study verified by an earlier version of gemma-search still
+    holds its re-runs, tagged `verify_of`, and those stay outside the count, as they were.
     """
     from optuna.trial import TrialState
 
-    from gemma_search.verify import is_verification
+    from gemma_search.ranking import is_verification
 
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried)

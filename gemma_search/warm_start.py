@@ -67,11 +67,12 @@ def enqueue_warm_start(study: Any, configs: list[tuple[str, dict[str, Any]]],
 
 
 def _best_of_earlier_study(spec: StudySpec, url: str) -> list[tuple[int, dict[str, Any]]]:
-    """The `from_study_top` best finished trials of the earlier study, as (number, params)."""
+    """The `from_study_top` best search trials of the earlier study (`ranking`), as (number,
+    params)."""
     import optuna
-    from optuna.trial import TrialState
 
     from gemma_search import db
+    from gemma_search.ranking import ranked_trials
     from gemma_search.storage import open_storage
 
     name = spec.warm_start.from_study
@@ -88,10 +89,8 @@ def _best_of_earlier_study(spec: StudySpec, url: str) -> list[tuple[int, dict[st
                         f"{spec.model.name_or_path} for {spec.task.type}; name a study on the "
                         "same model and task")
     study = optuna.load_study(study_name=name, storage=open_storage(url, must_exist=True))
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None]
+    done = ranked_trials(study, earlier)
     if not done:
         raise StorageError(f"warm_start.from_study {name!r} has no completed trial to start "
                            "from; run it first or remove warm_start.from_study")
-    done.sort(key=lambda t: float(t.value or 0.0), reverse=earlier.direction == "maximize")
     return [(t.number, dict(t.params)) for t in done[:spec.warm_start.from_study_top]]

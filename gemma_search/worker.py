@@ -230,12 +230,17 @@ def _claim_trial(study: Any, spec: StudySpec, engine: Any = None) -> str:
     import optuna
     from optuna.trial import TrialState
 
+    from gemma_search.verify import SEARCH_STUDY
+
     optuna.storages.fail_stale_trials(study)  # a dead worker's trial is re-queued first
     if engine is not None:
         _requeue_orphans(study, spec, engine)
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
         return "run"
+    if SEARCH_STUDY in study.user_attrs:
+        # A verify companion (`STUDY.verify`) runs exactly the re-runs enqueued in it.
+        return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
     budget = spec.budget
     hours_left = budget.max_gpu_hours is None or gpu_hours_used(trials) < budget.max_gpu_hours
     if budget_used(trials) < budget.max_trials and hours_left:

@@ -20,8 +20,9 @@ from gemma_search import db
 from gemma_search.spec import spec_from_text
 from gemma_search.status import estimate_seconds_left
 from gemma_search.study import create_study
+from gemma_search.verify import enqueue_verification
 
-from .conftest import demo_spec_text
+from .conftest import demo_spec_text, finished_study
 from .test_cli import run
 
 T0 = datetime(2026, 11, 26, 12, 0, 0)
@@ -124,7 +125,7 @@ def test_status_table_names_stale_workers(tmp_path: Path, tiny_model: Path,
     assert "stale" in out and "gpu-node-2" in out
     assert "3: NVIDIA H200" in out
     assert "time to finish: about" in out
-    assert "best: trial 1" in out
+    assert "best single: trial 1" in out
     assert "what matters" in out and "learning_rate: good trials lie in" in out
 
 
@@ -147,4 +148,23 @@ def test_status_watch_refreshes_until_ctrl_c(tmp_path: Path, tiny_model: Path,
             proc.kill()
     text = out.decode()
     assert proc.returncode == 0, text
-    assert "best: trial 3" in text
+    assert "best single: trial 3" in text
+
+
+def test_status_of_a_verify_companion_counts_its_reruns(
+        tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = finished_study(url, "s", tiny_model, demo_data, ((1e-3, 0.3), (4e-3, 0.2)))
+    spec = spec_from_text(demo_spec_text("s", tiny_model, *demo_data, max_trials=4))
+    companion, _ = enqueue_verification(study, spec, url, top=1, seeds=3)
+    companion.tell(companion.ask(), 0.25)
+    summary = json.loads(run("status", "s.verify", "--storage", url, "--json")[1])
+    assert summary["verifies"] == "s"
+    assert (summary["budget_used"], summary["max_trials"]) == (3, 3)
+    assert summary["trials"]["complete"] == 1 and summary["trials"]["waiting"] == 2
+    assert summary["best"] is None and summary["export_pick"] is None
+    code, out = run("status", "s", "--storage", url)
+    assert code == 0, out
+    assert "best single: trial 1" in out
+    assert "export picks: trial 1 by mean over 1 new seed(s) (0.25)" in out
+    assert "verify: 2 re-run(s) pending in study 's.verify'" in out

@@ -102,6 +102,26 @@ def test_a_study_seeds_itself_from_an_earlier_studys_best(tmp_path: Path, tiny_m
         f"study first trial {t.number}" for t in best_two]
 
 
+def test_warm_start_takes_the_earlier_studys_search_trials_not_its_reruns(
+        tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    first = finished_study(url, "first", tiny_model, demo_data,
+                           ((1e-3, 0.5), (4e-3, 0.3), (2e-2, 0.9), (7e-3, 0.35)))
+    # A re-run kept inside the study by an earlier gemma-search `verify`: lucky, not a search
+    # trial of its own.
+    first.enqueue_trial(dict(first.trials[2].params),
+                        user_attrs={"verify_of": 2, "verify_seed": 1})
+    first.tell(first.ask(), 0.01)
+    path = write_spec(tmp_path / "w.yaml", demo_spec_text(
+        "second", tiny_model, *demo_data,
+        extra="warm_start: {from_study: first, from_study_top: 2}"))
+    code, out = run("create", str(path), "--storage", url)
+    assert code == 0, out
+    waiting = optuna.load_study(study_name="second", storage=url).get_trials(deepcopy=False)
+    assert [t.user_attrs["warm_start"] for t in waiting] == [
+        "study first trial 1", "study first trial 3"]
+
+
 def test_an_earlier_study_on_another_model_is_refused_and_nothing_is_written(
         tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
     url = f"sqlite:///{tmp_path / 'w.db'}"
