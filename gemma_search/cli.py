@@ -11,7 +11,8 @@
     gemma-search export sst2-gemma2-9b --out best/      # best config for standard tools
 
 Storage: --storage URL, else $GEMMA_SEARCH_STORAGE, else the spec's storage.url (create), else
-sqlite:///gemma_search.db. Errors you can fix print one line and exit with code 1.
+sqlite:///gemma_search.db. Errors you can fix print one line and exit with code 1 (a worker
+stopped by an error in the spec, data or model: code 3, which `launch` does not restart).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from gemma_search.errors import GemmaSearchError
+from gemma_search.errors import CONFIG_ERROR_EXIT, GemmaSearchError, is_config_error
 
 app = typer.Typer(help="Hyperparameter search for LoRA fine-tuning of Gemma 2.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -140,15 +141,25 @@ def worker(
     storage: StorageOpt = None,
     index: Annotated[int, typer.Option(help="Worker index (offsets the sampler seed).")] = 0,
 ) -> None:
-    """Run trials of a study until its budget is spent (one worker per GPU)."""
+    """Run trials of a study until its budget is spent (one worker per GPU).
+
+    An error in the spec, the data or the model exits with code 3, not 1: `launch` restarts a
+    worker that crashed, but not one that a restart would stop the same way.
+    """
     from gemma_search.storage import resolve_storage_url
     from gemma_search.worker import StopFlag, run_worker
 
     stop = StopFlag()
     stop.install()
-    ran = run_worker(study, resolve_storage_url(storage), index=index, stop=stop)
+    try:
+        ran = run_worker(study, resolve_storage_url(storage), index=index, stop=stop)
+    except GemmaSearchError as exc:
+        if not is_config_error(exc):
+            raise  # one line and exit code 1 (`_user_errors`): `launch` restarts the worker
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(CONFIG_ERROR_EXIT) from None
     why = "stopped by signal, running trial re-queued" if stop.requested else "budget spent"
-    typer.echo(f"worker {index}: ran {ran} trials; {why}")
+    typer.echo(f"worker {index}: ran {ran} trial{'' if ran == 1 else 's'}; {why}")
 
 
 @app.command()
@@ -531,6 +542,10 @@ def _run_workers(study: str, url: str, *, again: str, **launch_args: Any) -> Non
     except KeyboardInterrupt:
         raise GemmaSearchError("interrupted: workers checkpointed and re-queued their trials; "
                                f"`{again}` continues the study") from None
+    if code == CONFIG_ERROR_EXIT:
+        raise GemmaSearchError(f"a worker of study {study!r} stopped on a configuration error "
+                               f"(its one-line error is above); fix it, then run `{again}` "
+                               "again")
     if code != 0:
         raise GemmaSearchError(f"a worker of study {study!r} exited with code {code}; see its "
                                "output above")
@@ -570,7 +585,8 @@ def _launch_with_progress(study: str, url: str, **launch_args: Any) -> int:
                             detail=f"{running} running, {pruned} pruned{best}")
 
         def say(line: str) -> None:
-            progress.console.print(line, markup=False, highlight=False)
+            # soft_wrap: one message, one line, also in a log that is not a terminal.
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
         return launch(study, url, poll=poll, say=say, **launch_args)
 

@@ -10,6 +10,10 @@ scheduler beyond one machine; here the supervisor only restarts what crashed):
   after `max_restarts` crashes in a row it is given up on, with a message saying so, and the
   others go on. A run that lasted `STABLE_SECONDS` clears the count: crashes hours apart are
   not "repeated".
+- A child that exits with `CONFIG_ERROR_EXIT` stopped on an error in the spec, the data or
+  the model (its own one-line error is on its stderr). Every restart would load the model
+  only to stop the same way, and the other children share the same study: none is
+  restarted, the others are stopped as on Ctrl-C, and `launch` returns `CONFIG_ERROR_EXIT`.
 - Ctrl-C or SIGTERM to the launcher sends one SIGTERM to every child (each checkpoints its
   trial, re-queues it and exits); a second sends another, on which they exit at once.
 
@@ -31,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gemma_search.errors import GemmaSearchError
+from gemma_search.errors import CONFIG_ERROR_EXIT, GemmaSearchError
 from gemma_search.storage import STORAGE_ENV
 
 __all__ = ["Slot", "Supervisor", "launch", "parse_gpus", "restart_delay"]
@@ -90,7 +94,7 @@ class Slot:
     crashes: int = 0
     restart_at: float | None = None
     state: str = "starting"
-    """starting, running, waiting (to restart), done, given_up, stopped."""
+    """starting, running, waiting (to restart), done, given_up, stopped, config_error."""
     restarts: int = 0
     last_code: int | None = None
 
@@ -111,6 +115,7 @@ class Supervisor:
         self.base_delay = base_delay
         self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         self.stopping = 0
+        self.config_error = False  # a child stopped on one, and the others were stopped
         env = dict(os.environ)
         env[STORAGE_ENV] = url
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -147,10 +152,25 @@ class Supervisor:
             slot.last_code = code
             if code == 0:
                 slot.state = "done"
+            elif code == CONFIG_ERROR_EXIT:
+                self._config_error(slot)
             elif self.stopping:
                 slot.state = "stopped"
             else:
                 self._crashed(slot, code, now)
+
+    def _config_error(self, slot: Slot) -> None:
+        slot.state = "config_error"
+        if self.config_error:  # the others meet the same error as they load
+            self.say(f"{slot.label}: stopped on a configuration error too (exit code "
+                     f"{CONFIG_ERROR_EXIT})")
+            return
+        self.config_error = True
+        self.say(f"{slot.label}: stopped on a configuration error (exit code "
+                 f"{CONFIG_ERROR_EXIT}; its error is above), which a restart would meet "
+                 "again; not restarting it, and stopping the other workers")
+        if not self.stopping:
+            self.stop()
 
     def _crashed(self, slot: Slot, code: int, now: float) -> None:
         if now - slot.started >= STABLE_SECONDS:
@@ -159,7 +179,8 @@ class Supervisor:
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         if slot.crashes > self.max_restarts:
             slot.state = "given_up"
-            self.say(f"{slot.label}: crashed {slot.crashes} times in a row (last: {how}); "
+            in_a_row = "once" if slot.crashes == 1 else f"{slot.crashes} times in a row"
+            self.say(f"{slot.label}: crashed {in_a_row} (last: {how}); "
                      "giving up on it, the other workers go on. See its output above; "
                      f"`gemma-search worker {self.name}` runs one by hand")
             return
@@ -182,7 +203,10 @@ class Supervisor:
         return any(s.state in ("running", "waiting", "starting") for s in self.slots)
 
     def exit_code(self) -> int:
-        """0 when every child finished the study; else the worst code seen, or 1."""
+        """0 when every child finished the study; `CONFIG_ERROR_EXIT` when one stopped on a
+        configuration error; else the worst code seen, or 1."""
+        if self.config_error:
+            return CONFIG_ERROR_EXIT
         if all(s.state == "done" for s in self.slots):
             return 0
         codes = [s.last_code for s in self.slots if s.last_code not in (None, 0)]
@@ -193,7 +217,8 @@ def launch(name: str, url: str, *, workers: int | None = None, gpus: list[str] |
            threads_per_worker: int | None = None, max_restarts: int = 5,
            base_delay: float = 2.0, poll: Callable[[], None] | None = None,
            poll_seconds: float = 1.0, say: Callable[[str], None] | None = None) -> int:
-    """Run one supervised worker per GPU (`gpus`) or `workers` CPU workers; return a code.
+    """Run one supervised worker per GPU (`gpus`) or `workers` CPU workers; return a code
+    (`CONFIG_ERROR_EXIT`: a worker stopped on a configuration error, and the others with it).
 
     Raises KeyboardInterrupt after Ctrl-C or SIGTERM, once every child has exited.
     """
@@ -225,7 +250,7 @@ def launch(name: str, url: str, *, workers: int | None = None, gpus: list[str] |
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-    if sup.stopping:
+    if sup.stopping and not sup.config_error:
         raise KeyboardInterrupt
     return sup.exit_code()
 

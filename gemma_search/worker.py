@@ -137,11 +137,41 @@ class StopFlag:
         return self.requested
 
 
+class _HandedBackNote(logging.Filter):
+    """Optuna logs a trial that raised as failed, with the traceback, then its value. A trial
+    handed back on SIGTERM (`TrialPreempted`) did not fail: its two records become one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._drop_value_line = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from gemma_search.objective import TrialPreempted
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TrialPreempted):
+            record.msg = f"{exc}; handed back, a worker resumes it from that checkpoint"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            self._drop_value_line = True
+            return True
+        if self._drop_value_line and record.funcName == "_log_failed_trial":
+            self._drop_value_line = False  # "Trial N failed with value None."
+            return False
+        return True
+
+
+_HANDED_BACK_NOTE = _HandedBackNote()
+
+
 def run_worker(name: str, url: str, *, index: int = 0, stop: StopFlag | None = None) -> int:
     """Run trials of study `name` until its budget is spent; return how many ran here."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The logger of `study.optimize`, which logs each failed trial with its traceback.
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if _HANDED_BACK_NOTE not in optimize_log.filters:
+        optimize_log.addFilter(_HANDED_BACK_NOTE)
     stop = stop or StopFlag()
     study, spec = load_study(name, url, heartbeat=True, worker_index=index)
     base, data = load_resources(spec)

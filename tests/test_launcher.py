@@ -9,15 +9,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from gemma_search import db
-from gemma_search.errors import GemmaSearchError
+from gemma_search import db, launcher
+from gemma_search.errors import CONFIG_ERROR_EXIT, GemmaSearchError
 from gemma_search.launcher import Slot, Supervisor, launch, parse_gpus, restart_delay
-from tests.test_fleet import create, fleet_spec, wait_for
+from tests.test_fleet import create, fleet_spec, start_worker, wait_for
 
 
 def test_parse_gpus() -> None:
@@ -72,25 +73,112 @@ def test_both_gpus_and_workers_is_refused() -> None:
     assert "--gpus and --workers both given" in result.output
 
 
-@pytest.mark.slow
-def test_a_worker_that_keeps_crashing_is_given_up_on(tmp_path: Path, tiny_model: Path,
-                                                    demo_data: tuple[Path, Path]) -> None:
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model, model)
-    create(fleet_spec(tmp_path, "crashy", model, demo_data, max_trials=2, max_tokens=800), url)
-    shutil.rmtree(model)  # every worker now fails at load, with exit code 1
+def fake_children(monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """Children of `launch` run `script` (Python; `index` holds the worker index) instead of
+    a worker: the supervisor itself, with its real processes and signals, is what runs."""
+    popen = subprocess.Popen
+
+    def start(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        index = int(args[-1])  # ... worker STUDY --index I
+        return popen([sys.executable, "-c", f"index = {index}\n{script}"], **kwargs)
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", start)
+
+
+def test_a_worker_that_keeps_crashing_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_children(monkeypatch, "raise SystemExit(1)")
     lines: list[str] = []
-    started = time.monotonic()
-    code = launch("crashy", url, workers=1, max_restarts=2, base_delay=0.1, say=lines.append,
-                  poll_seconds=0.1)
+    code = launch("crashy", "sqlite://", workers=1, max_restarts=2, base_delay=0.05,
+                  say=lines.append, poll_seconds=0.05)
     assert code == 1
     assert [line.split(";")[0] for line in lines if "crashed" in line] == [
         "worker 0: crashed (exit code 1)", "worker 0: crashed (exit code 1)",
         "worker 0: crashed 3 times in a row (last: exit code 1)"]
     assert "giving up on it" in lines[-1]
     assert sum("restarted" in line for line in lines) == 2
-    assert time.monotonic() - started < 120
+
+
+def test_one_crash_without_restarts_reads_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_children(monkeypatch, "raise SystemExit(1)")
+    lines: list[str] = []
+    launch("crashy", "sqlite://", workers=1, max_restarts=0, say=lines.append,
+           poll_seconds=0.05)
+    assert not any("1 times" in line for line in lines)
+    assert lines[0].startswith("worker 0: crashed once (last: exit code 1); giving up on it")
+
+
+def test_a_configuration_error_is_not_restarted_and_stops_the_others(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Worker 0 stops on a configuration error; worker 1 runs a trial until SIGTERM, which it
+    # answers as a worker does: it hands the trial back and exits 0.
+    stopped = tmp_path / "stopped"
+    fake_children(monkeypatch, f"""
+import signal, sys, time
+if index == 0:
+    print("error: model.name_or_path '/gone' cannot be loaded", file=sys.stderr)
+    raise SystemExit({CONFIG_ERROR_EXIT})
+def handed_back(*_):
+    open({str(stopped)!r}, "w").close()
+    raise SystemExit(0)
+signal.signal(signal.SIGTERM, handed_back)
+time.sleep(60)
+""")
+    lines: list[str] = []
+    started = time.monotonic()
+    code = launch("misconfigured", "sqlite://", workers=2, base_delay=0.05, say=lines.append,
+                  poll_seconds=0.05)
+    assert code == CONFIG_ERROR_EXIT
+    assert time.monotonic() - started < 30  # not one restart, not a minute of sleep
+    assert lines == ["worker 0: stopped on a configuration error (exit code 3; its error is "
+                     "above), which a restart would meet again; not restarting it, and "
+                     "stopping the other workers"]
+    assert stopped.exists()  # worker 1 was asked to stop, as on Ctrl-C, and did
+
+
+@pytest.mark.slow
+def test_a_worker_whose_model_is_gone_stops_launch_without_a_restart(
+        tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    create(fleet_spec(tmp_path, "gone", model, demo_data, max_trials=2, max_tokens=800), url)
+    shutil.rmtree(model)  # every worker now stops at load: nothing a restart can change
+    started = time.monotonic()
+    proc = _launch_process("gone", url, "--workers", "2")
+    out, _ = proc.communicate(timeout=300)
+    text = out.decode()
+    assert proc.returncode == 1, text[-3000:]
+    assert time.monotonic() - started < 120  # one model load, not five restarts with backoff
+    # What the user reads: the worker's own error, why nothing restarts, and what to do.
+    assert f"error: model.name_or_path '{model}' has no loadable tokenizer" in text
+    assert "stopped on a configuration error (exit code 3" in text
+    assert ("error: a worker of study 'gone' stopped on a configuration error (its one-line "
+            "error is above); fix it, then run `gemma-search launch gone` again") in text
+    assert "restarted" not in text and "crashed" not in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_worker_prints_one_calm_line_and_no_traceback(
+        tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = create(fleet_spec(tmp_path, "calm", tiny_model, demo_data, max_trials=1,
+                             max_tokens=40000), url)
+    study = optuna.load_study(study_name=spec.name, storage=url)
+    worker = start_worker("calm", url)
+    try:
+        wait_for(lambda: any(t.intermediate_values for t in study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING,))), 180, "a running trial")
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=90)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    text = out.decode()
+    assert worker.returncode == 0, text[-3000:]
+    assert "Traceback" not in text and "failed with" not in text
+    assert "handed back, a worker resumes it from that checkpoint" in text
+    assert "worker 0: ran 1 trial; stopped by signal, running trial re-queued" in text
 
 
 def _launch_process(name: str, url: str, *args: str) -> subprocess.Popen[bytes]:
