@@ -174,3 +174,23 @@ def test_an_over_long_line_is_refused_without_being_read_whole(tmp_path: Path) -
     finally:
         tracemalloc.stop()
     assert peak < MAX_LINE_BYTES / 2  # read a chunk at a time, never the line
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 2**20])
+def test_byte_checks_name_the_line_whatever_the_read_size(tmp_path: Path, chunk: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from gemma_search.train import data
+
+    monkeypatch.setattr(data, "_CHUNK", chunk)  # the file is read this many bytes at a time
+    good = json.dumps({"text": "ok", "label": 1}).encode() + b"\n"
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(good * 3 + '{"text": "caf\xe9 x", "label": 2}\n'.encode("latin1") + good)
+    with pytest.raises(DataError, match=r"line 4, column 'text': 'caf\\xe9 x' is not valid UTF-8 "
+                                        r"\(byte 0xe9 at byte 14 of the line\)"):
+        read_table(str(path), "data.train")
+    path.write_bytes(good + '{"text": "\u20ac'.encode()[:-1])  # ends inside a character
+    with pytest.raises(DataError, match=r"line 2: '{\"text\": \"\\xe2\\x82' is not valid UTF-8"):
+        read_table(str(path), "data.train")
+    path.write_bytes(good * 3 + b'{"text": "' + b"x" * 100 + b'"}\n' + good)
+    with pytest.raises(DataError, match=r"line 4 is longer than data.max_line_bytes \(60 bytes"):
+        read_table(str(path), "data.train", max_line_bytes=60)

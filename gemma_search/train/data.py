@@ -344,18 +344,22 @@ def _first_long_line(chunk: bytes, carried: int, limit: int) -> int | None:
 def _not_utf8(path: Path, key: str, line: int, line_start: int, at: int,
               max_line_bytes: int | None) -> None:
     """Raise the DataError for a byte at file offset `at` (on `line`) that is not UTF-8."""
+    column, value = None, None
+    first = max(line_start, at - 20)
     with path.open("rb") as fh:
-        fh.seek(line_start)
-        raw = fh.readline(min(max_line_bytes or _CHUNK, _CHUNK) + 1)
-    pos = at - line_start
-    bad = raw[pos:pos + 1] or b"?"
-    column, value = _value_holding_bad_bytes(path, raw, line)
+        fh.seek(first)
+        around = fh.read(at - first + 20)  # 20 bytes either side, within the line
+        if max_line_bytes is not None:  # the line's length is bounded: find its column
+            fh.seek(line_start)
+            column, value = _value_holding_bad_bytes(path, fh.readline(max_line_bytes + 1),
+                                                     line)
+    pos, bad = at - line_start, around[at - first]
     if value is None:
-        value = raw[max(0, pos - 20):pos + 20].rstrip(b"\r\n")
-    shown = value.decode("utf-8", "backslashreplace")
+        value = around.split(b"\n")[0]
+    shown = value.rstrip(b"\r").decode("utf-8", "backslashreplace")
     where = f"line {line}" + (f", column {column!r}" if column else "")
     raise DataError(f"{key} file {path} {where}: '{shown}' is not valid UTF-8 (byte "
-                    f"0x{bad[0]:02x} at byte {pos + 1} of the line); save the file as UTF-8, "
+                    f"0x{bad:02x} at byte {pos + 1} of the line); save the file as UTF-8, "
                     "e.g. `iconv -f latin1 -t utf-8`") from None
 
 
