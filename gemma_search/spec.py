@@ -107,9 +107,14 @@ class Choice:
 
 def _param(kind: type, default: Any, doc: str, *, ge: float | None = None,
            gt: float | None = None, le: float | None = None,
-           one_of: tuple[str, ...] | None = None) -> Any:
-    """A `search` field: its value kind, default, rule and one-line doc in one place."""
-    meta = {"kind": kind, "doc": doc, "ge": ge, "gt": gt, "le": le, "one_of": one_of}
+           one_of: tuple[str, ...] | None = None, whole_as_int: bool = False) -> Any:
+    """A `search` field: its value kind, default, rule and one-line doc in one place.
+
+    `whole_as_int`: a float setting whose whole values are kept as ints, so that `epochs: 2`
+    reads back, and is exported, as 2 rather than 2.0.
+    """
+    meta = {"kind": kind, "doc": doc, "ge": ge, "gt": gt, "le": le, "one_of": one_of,
+            "whole_as_int": whole_as_int}
     return field(default=default, metadata=meta)
 
 
@@ -125,7 +130,8 @@ class SearchSpec:
     micro_batch_size: SearchValue = _param(int, 4, "examples per forward pass", ge=1)
     gradient_accumulation_steps: SearchValue = _param(int, 4, "micro-batches per optimizer step",
                                                       ge=1)
-    epochs: SearchValue = _param(float, 1.0, "passes over the (fractioned) training set", gt=0)
+    epochs: SearchValue = _param(float, 1, "passes over the (fractioned) training set", gt=0,
+                                 whole_as_int=True)
     optimizer: SearchValue = _param(str, "adamw", "optimizer name", one_of=OPTIMIZERS)
     momentum: SearchValue = _param(float, 0.9, "momentum (sgd, rmsprop only)", ge=0, le=0.999)
     adam_beta2: SearchValue = _param(float, 0.999, "second-moment decay (adamw, adam, adabelief)",
@@ -225,7 +231,7 @@ class DataSpec:
     """Seed of the subset and split choices (the same for every trial)."""
     packing: bool = True
     """causal_lm: pack several examples into each row, with attention kept inside each
-    example, so that no padding is trained on (other tasks: ignored)."""
+    example, so that no padding is trained on (other tasks: always false)."""
     header: bool = True
     """.csv/.tsv files: line 1 names the columns; `false`: every line is an example."""
     columns: tuple[str, ...] | None = None
@@ -336,8 +342,8 @@ class WarmStartSpec:
     """Configurations tried first, before the sampler proposes its own (enqueued at create)."""
 
     presets: tuple[str, ...] = ()
-    """Named known-good configurations, e.g. `[gemma2-lora]`; settings outside this spec's
-    search space are left to the sampler."""
+    """Named known-good configurations, e.g. `[gemma2-lora]`; a setting this spec fixes keeps
+    the spec's value, one outside its search space is left to the sampler."""
     configs: tuple[dict[str, Any], ...] = ()
     """Settings to try first, e.g. `[{learning_rate: 2.0e-4, lora_r: 16}]`; each must lie in
     the search space."""
@@ -468,6 +474,10 @@ def spec_from_dict(raw: Any) -> StudySpec:
                         "search, objective, sampler, pruner, budget, storage")
     spec = _build(StudySpec, raw, "")
     _check_rules(spec)
+    if spec.task.type != "causal_lm" and spec.data.packing:
+        # Only causal_lm packs: a classification spec (or its best_config.yaml) must not say
+        # it does. Older stored specs say `packing: true` and load to this same spec.
+        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, packing=False))
     return spec
 
 
@@ -615,11 +625,19 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], where: str) -> Non
         raise SpecError(f"{where} is {value!r} but must be <= {meta['le']}")
 
 
+def _search_scalar(meta: typing.Mapping[str, Any], value: Any, where: str) -> Any:
+    """A fixed value or a choice of a search field (`_param`'s kind and whole_as_int)."""
+    parsed = _scalar(meta["kind"], value, where)
+    if meta["whole_as_int"] and float(parsed).is_integer():
+        return int(parsed)
+    return parsed
+
+
 def _parse_search(value: Any, meta: typing.Mapping[str, Any], where: str) -> SearchValue:
     """A search field: fixed scalar, {low, high, log, step} range, or {choices: [...]}."""
     kind = meta["kind"]
     if not isinstance(value, dict):
-        fixed = _scalar(kind, value, where)
+        fixed = _search_scalar(meta, value, where)
         _check_bounds(fixed, meta, where)
         return fixed  # type: ignore[no-any-return]
     keys = set(value)
@@ -630,7 +648,8 @@ def _parse_search(value: Any, meta: typing.Mapping[str, Any], where: str) -> Sea
         items = value["choices"]
         if not isinstance(items, list) or not items:
             raise SpecError(f"{where}.choices is {items!r} but must be a non-empty list")
-        parsed = tuple(_scalar(kind, v, f"{where}.choices[{i}]") for i, v in enumerate(items))
+        parsed = tuple(_search_scalar(meta, v, f"{where}.choices[{i}]")
+                       for i, v in enumerate(items))
         for i, v in enumerate(parsed):
             _check_bounds(v, meta, f"{where}.choices[{i}]")
         if len(set(parsed)) != len(parsed):
@@ -794,33 +813,38 @@ def fit_to_search(spec: StudySpec, settings: dict[str, Any], *, where: str | Non
     """The searched settings among `settings`, as the trial's params, and what was left out.
 
     With `where` (a spec key) every setting must fit: a SpecError names the first that does
-    not. Without it, settings that are fixed in this spec, unknown, or outside the search
-    space are left out (the sampler picks them), each with a note saying why.
+    not. Without it, the settings that do not fit are left out, each with a note saying why
+    and what the trial does instead: a setting this spec fixes keeps the spec's value; one
+    outside the search space is left to the sampler; an unknown one is ignored.
     """
     fields = {f.name: f for f in dataclasses.fields(SearchSpec)}
     params: dict[str, Any] = {}
     notes: list[str] = []
     for key, value in settings.items():
-        problem = None
+        problem, instead = None, "left to the sampler"
         if key not in fields:
-            problem = f"{key} is not a search setting"
+            problem, instead = f"{key} is not a search setting", "ignored"
         else:
             current = getattr(spec.search, key)
+            fixed = not isinstance(current, FloatRange | IntRange | Choice)
             try:
-                kind = fields[key].metadata["kind"]
-                value = _scalar(kind, value, f"{where or 'warm start'}.{key}")
+                value = _search_scalar(fields[key].metadata, value,
+                                       f"{where or 'warm start'}.{key}")
             except SpecError as exc:
                 problem = str(exc)
             else:
                 problem = _outside(key, value, current)
-                if problem is None and not isinstance(current, FloatRange | IntRange | Choice):
+                if problem is None and fixed:
                     continue  # fixed at this very value: nothing to enqueue
+            if fixed and where is None:
+                problem = f"{key} {value!r} is not tried"
+                instead = f"this spec fixes it: kept at the spec's value {current!r}"
         if problem is None:
             params[key] = value
         elif where is not None:
             raise SpecError(f"{where}: {problem}; change it or remove it")
         else:
-            notes.append(problem)
+            notes.append(f"{problem}; {instead}")
     return params, notes
 
 

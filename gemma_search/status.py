@@ -68,10 +68,11 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
     ]
     # Workers that exited are history; running ones are listed alive or stale (no heartbeat
     # within the grace period: a dead machine, or a lost connection to the database).
-    workers = [] if engine is None else [
+    listed = ([] if engine is None else
+              db.list_workers(engine, spec.name, stale_after=spec.storage.grace_period))
+    workers = [
         {**w, "started_at": w["started_at"].isoformat(), "last_seen": w["last_seen"].isoformat()}
-        for w in db.list_workers(engine, spec.name, stale_after=spec.storage.grace_period)
-        if w["state"] == "running"]
+        for w in listed if w["state"] == "running"]
     alive = sum(1 for w in workers if w["alive"])
     hours = gpu_hours_used(trials, now)
     max_hours = spec.budget.max_gpu_hours
@@ -84,6 +85,8 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
         "max_gpu_hours": max_hours,
         "gpu_hours_used": round(hours, 4),
         "gpu_hours_left": None if max_hours is None else round(max(0.0, max_hours - hours), 4),
+        # What those hours ran on: the workers that ever ran this study (exited ones too).
+        "device": _device(listed),
         "trials": counts,
         "best": best,
         "export_pick": None if verifies else export_pick(study, spec, companion),
@@ -214,8 +217,17 @@ def _pick_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _device(workers: list[Any]) -> str | None:
+    """`gpu` or `cpu` when every worker had that, `mixed` when both ran, None before any."""
+    kinds = {"cpu" if w["gpu_name"] is None else "gpu" for w in workers}
+    return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else None)
+
+
 def _budget_line(summary: dict[str, Any]) -> str:
-    hours = f"GPU-hours used {summary['gpu_hours_used']:.3g}"
+    # budget.max_gpu_hours counts a CPU worker's hours too: name them by what they ran on.
+    unit = {"gpu": "GPU-hours", "cpu": "device-hours (CPU)"}.get(summary.get("device") or "",
+                                                                 "device-hours")
+    hours = f"{unit} used {summary['gpu_hours_used']:.3g}"
     if summary["max_gpu_hours"] is not None:
         hours += f" of {summary['max_gpu_hours']:g} ({summary['gpu_hours_left']:.3g} left)"
     eta = summary["eta_seconds"]

@@ -58,8 +58,13 @@ def create_study(spec: StudySpec, url: str,
     text, digest = dump_spec(spec), spec_hash(spec)
     stored = db.load_study_spec(engine, spec.name)
     if stored is not None and stored[1] != digest:
-        raise StorageError(f"study {spec.name!r} already exists in {redact(url)} with a "
-                           "different spec; change `name` in the spec (or --set name=NEW)")
+        # An earlier version may have dumped the same spec differently (`epochs: 2.0`,
+        # `packing: true` for classification): what counts is the spec the text loads to.
+        if spec_hash(spec_from_text(stored[0])) != digest:
+            raise StorageError(f"study {spec.name!r} already exists in {redact(url)} with a "
+                               "different spec; change `name` in the spec (or --set "
+                               "name=NEW)")
+        text, digest = stored
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     if spec.name in names:
         study = optuna.load_study(study_name=spec.name, storage=storage)

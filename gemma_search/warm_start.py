@@ -25,13 +25,13 @@ WARM_START_ATTR = "warm_start"
 def warm_start_configs(spec: StudySpec, url: str) -> tuple[list[tuple[str, dict[str, Any]]],
                                                             list[str]]:
     """(label, params) of every warm-start configuration, duplicates dropped, and notes on
-    settings left to the sampler."""
+    the settings left out of them (each says what the trial does instead)."""
     found: list[tuple[str, dict[str, Any]]] = []
     notes: list[str] = []
     for name in spec.warm_start.presets:
         params, dropped = fit_to_search(spec, PRESETS[name])
         found.append((f"preset {name}", params))
-        notes += [f"preset {name}: {why}; left to the sampler" for why in dropped]
+        notes += [f"preset {name}: {note}" for note in dropped]
     for i, config in enumerate(spec.warm_start.configs):
         params, _ = fit_to_search(spec, config, where=f"warm_start.configs[{i}]")
         found.append((f"config {i}", params))
@@ -41,7 +41,7 @@ def warm_start_configs(spec: StudySpec, url: str) -> tuple[list[tuple[str, dict[
             params, dropped = fit_to_search(spec, settings)
             label = f"study {spec.warm_start.from_study} trial {number}"
             found.append((label, params))
-            notes += [f"{label}: {why}; left to the sampler" for why in dropped]
+            notes += [f"{label}: {note}" for note in dropped]
     unique: list[tuple[str, dict[str, Any]]] = []
     for label, params in found:
         if not params:

@@ -260,3 +260,43 @@ def test_studies_lists_prints_and_copies_the_shipped_studies(tmp_path: Path) -> 
     assert_one_line_error(code, out, f"{copied} already exists")
     code, out = run("studies", "sst3")
     assert_one_line_error(code, out, "'sst3' is not a shipped study", "sst2_gemma2_9b")
+
+
+def test_create_again_after_an_upgrade_reuses_the_study(tmp_path: Path,
+                                                         spec_file: Path) -> None:
+    """A study whose spec an earlier version stored as `epochs: 2.0` and `packing: true` is
+    the same study: `create` (as compose runs it on every `up`) reuses it."""
+    from sqlalchemy import update
+
+    from gemma_search import db
+    from gemma_search.spec import dump_spec, load_spec
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert run("create", str(spec_file), "--storage", url)[0] == 0
+    text = dump_spec(load_spec(spec_file))
+    assert "epochs: 2\n" in text and "packing: false" in text
+    old = text.replace("epochs: 2\n", "epochs: 2.0\n").replace("packing: false",
+                                                                 "packing: true")
+    engine = db.make_engine(url)
+    with db.session_scope(engine) as session:
+        session.execute(update(db.GsStudy).where(db.GsStudy.study_name == "cli")
+                        .values(spec_text=old, spec_hash="written-by-an-earlier-version"))
+    engine.dispose()
+    code, out = run("create", str(spec_file), "--storage", url)
+    assert code == 0, out
+    code, out = run("create", str(spec_file), "--set", "search.epochs=3", "--storage", url)
+    assert_one_line_error(code, out, "already exists", "different spec")
+
+
+def test_best_config_shows_whole_epochs_and_no_packing_for_classification(
+        tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    from .conftest import finished_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    finished_study(url, "best", tiny_model, demo_data, ((1e-3, 0.5), (4e-3, 0.3)))
+    code, out = run("export", "best", "--out", str(tmp_path / "e"), "--storage", url)
+    assert code == 0, out
+    best = (tmp_path / "e" / "best_config.yaml").read_text()
+    assert "  epochs: 2\n" in best and "  packing: false\n" in best
+    args = json.loads((tmp_path / "e" / "training_args.json").read_text())
+    assert args["num_train_epochs"] == 2

@@ -200,3 +200,36 @@ def test_missing_and_broken_spec_files(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML at line"):
         load_spec(bad)
+
+
+def test_whole_epochs_read_and_dump_as_integers() -> None:
+    spec = spec_from_dict(raw_spec(search={"epochs": 2}))
+    assert spec.search.epochs == 2 and isinstance(spec.search.epochs, int)
+    assert "epochs: 2\n" in dump_spec(spec)
+    spec = spec_from_dict(raw_spec(search={"epochs": {"choices": [1, 2.0, 1.5]}}))
+    assert spec.search.epochs == Choice((1, 2, 1.5))
+    assert [type(v) for v in spec.search.epochs.choices] == [int, int, float]
+    assert "choices:\n    - 1\n    - 2\n    - 1.5\n" in dump_spec(spec).split("epochs:")[1]
+    assert spec_from_dict(raw_spec()).search.epochs == 1  # the default, too
+    assert "epochs: 1\n" in dump_spec(spec_from_dict(raw_spec()))
+    assert "search.epochs is 0 but must be > 0" in error_of(raw_spec(search={"epochs": 0}))
+
+
+def test_only_causal_lm_specs_say_they_pack() -> None:
+    spec = spec_from_dict(raw_spec())  # classification; packing defaults to on
+    assert spec.data.packing is False and "packing: false" in dump_spec(spec)
+    lm = spec_from_dict(raw_spec(task={"type": "causal_lm", "labels": None}))
+    assert lm.data.packing is True and "packing: true" in dump_spec(lm)
+    assert spec_from_dict(raw_spec(task={"type": "causal_lm", "labels": None},
+                                   data={"packing": False})).data.packing is False
+
+
+def test_a_spec_stored_by_an_earlier_version_loads_to_the_same_spec() -> None:
+    """Earlier versions dumped `epochs: 2.0` and `packing: true` for every task; such a
+    stored spec is the spec this version dumps, hash included."""
+    spec = spec_from_dict(raw_spec(search={"epochs": 2, "lora_r": {"choices": [8, 16]}}))
+    old = dump_spec(spec).replace("epochs: 2\n", "epochs: 2.0\n").replace(
+        "packing: false", "packing: true")
+    assert "epochs: 2.0" in old and "packing: true" in old
+    assert spec_from_text(old) == spec
+    assert spec_hash(spec_from_text(old)) == spec_hash(spec)

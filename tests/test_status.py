@@ -168,3 +168,31 @@ def test_status_of_a_verify_companion_counts_its_reruns(
     assert "best single: trial 1" in out
     assert "export picks: trial 1 by mean over 1 new seed(s) (0.25)" in out
     assert "verify: 2 re-run(s) pending in study 's.verify'" in out
+
+
+def test_the_budget_line_names_the_hours_by_what_the_workers_ran_on(
+        tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    url = fleet_study(tmp_path, tiny_model, demo_data)  # H200 workers
+    code, out = run("status", "fleet", "--storage", url)
+    assert code == 0 and "GPU-hours used" in out, out
+    code, out = run("status", "fleet", "--storage", url, "--json")
+    assert json.loads(out)["device"] == "gpu"
+    # The same kind of study run by CPU workers: no GPU-hours to speak of.
+    cpu_url = f"sqlite:///{tmp_path / 'cpu.db'}"
+    spec = spec_from_text(demo_spec_text("on-cpu", tiny_model, *demo_data, max_trials=4)
+                          + "  max_gpu_hours: 1\n")
+    study = create_study(spec, cpu_url)
+    study.add_trial(trial(0, TrialState.COMPLETE, datetime.now() - timedelta(minutes=10),
+                          360.0, 0.4))
+    engine = db.make_engine(cpu_url)
+    exited = db.register_worker(engine, "on-cpu", "laptop", 4242)  # no GPU: gpu_name None
+    db.worker_exit(engine, exited, "exited")
+    engine.dispose()
+    code, out = run("status", "on-cpu", "--storage", cpu_url)
+    assert code == 0, out
+    assert "device-hours (CPU) used 0.1 of 1 (0.9 left)" in out
+    assert "GPU-hours" not in out
+    code, out = run("status", "on-cpu", "--storage", cpu_url, "--json")
+    summary = json.loads(out)
+    assert summary["device"] == "cpu"
+    assert summary["gpu_hours_used"] == 0.1 and summary["gpu_hours_left"] == 0.9  # keys kept

@@ -34,10 +34,20 @@ def test_preset_settings_outside_the_space_are_left_to_the_sampler(tmp_path: Pat
     params, notes = fit_to_search(spec, PRESETS["gemma2-lora"])
     # searched here: learning_rate (range), optimizer (choice); lora_r 16 is not a choice
     assert params == {"learning_rate": 2.0e-4, "optimizer": "adamw"}
-    assert any("lora_r 16 is not among search.lora_r choices [4, 8]" in n for n in notes)
-    assert any("lora_targets is fixed at 'attention'" in n for n in notes)
+    assert ("lora_r 16 is not among search.lora_r choices [4, 8]; left to the sampler"
+            in notes)
     # the spec's defaults equal the preset (lora_alpha 16, dropout 0.05): nothing to note
     assert not any(n.startswith("lora_alpha") or n.startswith("lora_dropout") for n in notes)
+
+
+def test_preset_settings_this_spec_fixes_keep_the_specs_value(tmp_path: Path) -> None:
+    spec = spec_from_text(spec_text("p", tmp_path, ""))
+    _, notes = fit_to_search(spec, {**PRESETS["gemma2-lora"], "lora_rank": 8})
+    # lora_targets is fixed at attention here: the trial keeps it, no sampler involved.
+    assert ("lora_targets 'all_linear' is not tried; this spec fixes it: kept at the spec's "
+            "value 'attention'") in notes
+    assert not any("fixed" in n and "sampler" in n for n in notes)
+    assert "lora_rank is not a search setting; ignored" in notes
 
 
 @pytest.mark.parametrize(("warm", "message"), [
@@ -69,7 +79,10 @@ def test_create_enqueues_presets_then_configs_once(tmp_path: Path, tiny_model: P
     assert code == 0, out
     assert "warm start: preset gemma2-lora enqueued first" in out
     assert "warm start: config 0 enqueued first" in out
-    assert "lora_r 16 is not among search.lora_r choices" in out
+    assert ("warm start: preset gemma2-lora: lora_r 16 is not among search.lora_r choices "
+            "[4, 8]; left to the sampler") in out
+    assert ("warm start: preset gemma2-lora: lora_targets 'all_linear' is not tried; this "
+            "spec fixes it: kept at the spec's value 'attention'") in out
     assert run("create", str(path), "--storage", url)[0] == 0  # again: nothing more enqueued
     study = optuna.load_study(study_name="warm", storage=url)
     trials = study.get_trials(deepcopy=False)
