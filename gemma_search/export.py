@@ -7,6 +7,12 @@
     provenance.json     study, trial, value, base model and revision, data fingerprint,
                         package versions, spec hash
     leaderboard.csv     the top trials with their params and metrics
+    data.json           the examples the trial used, prompt, labels, head and loss
+    early_stopping.json `transformers.EarlyStoppingCallback(**...)` (trials with patience)
+    sft_config.json     `trl.SFTConfig(**...)` (causal_lm)
+    reproduce.py        re-trains the trial with plain transformers + peft (+ TRL) from the
+                        files above and prints each evaluation and the best, which is the
+                        trial's recorded value
 """
 
 from __future__ import annotations
@@ -19,6 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from gemma_search.errors import StorageError
+from gemma_search.hf_config import (
+    data_description,
+    early_stopping_kwargs,
+    lora_config_kwargs,
+    sft_config_kwargs,
+    training_args_kwargs,
+)
 from gemma_search.ranking import ranked_trials
 from gemma_search.space import fixed_search, trial_config
 from gemma_search.spec import StudySpec, WarmStartSpec, dump_spec, spec_hash
@@ -29,11 +42,6 @@ from gemma_search.verify import export_pick, load_companion
 
 __all__ = ["export_study", "leaderboard", "lora_config_kwargs", "training_args_kwargs"]
 
-#: Our optimizer names -> `TrainingArguments.optim`. transformers has no plain Adam or
-#: AdaBelief: those map to the nearest optimizer and say so in provenance.json.
-_HF_OPTIM = {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd", "adagrad": "adagrad",
-             "rmsprop": "rmsprop", "adabelief": "adamw_torch"}
-_HF_SCHEDULE = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 _PACKAGES = ("gemma-search", "torch", "transformers", "peft", "accelerate", "datasets", "optuna")
 
 
@@ -79,14 +87,18 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
         header += (f"# Chosen by its mean over {chosen['n']} new seed(s): "
                    f"{chosen['mean']:.6g}{spread}\n")
     paths["best_config.yaml"].write_text(header + dump_spec(best_spec))
-    hf_args, notes = training_args_kwargs(spec, cfg, output_dir=str(out / "checkpoints"))
-    paths["training_args.json"].write_text(json.dumps(hf_args, indent=2) + "\n")
-    paths["lora_config.json"].write_text(json.dumps(lora_config_kwargs(spec, cfg), indent=2)
-                                         + "\n")
+    schedule = best.user_attrs.get("schedule")
+    hf_args, notes = training_args_kwargs(spec, cfg, output_dir=str(out / "checkpoints"),
+                                          schedule=schedule)
+    _write_json(paths["training_args.json"], hf_args)
+    _write_json(paths["lora_config.json"], lora_config_kwargs(spec, cfg))
+    paths.update(_write_reproduction(out, spec, cfg, best, hf_args))
     provenance = {
         "study": spec.name,
         "trial_number": best.number,
         "value": best.value,
+        "value_is": ("the best of the trial's evaluations (a trial's value; reproduce.py "
+                     "prints every evaluation and this best)"),
         "metric": spec.objective.metric,
         "direction": spec.direction,
         "params": best.params,
@@ -106,63 +118,6 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
     return paths
 
 
-def training_args_kwargs(spec: StudySpec, cfg: TrialConfig, *,
-                         output_dir: str) -> tuple[dict[str, Any], list[str]]:
-    """Keyword arguments `transformers.TrainingArguments` accepts, and what did not map."""
-    notes: list[str] = []
-    if cfg.optimizer == "adam" and cfg.weight_decay > 0:
-        notes.append("optimizer adam (L2 weight decay) exported as adamw_torch (decoupled "
-                     "decay); best_config.yaml keeps the exact setting")
-    if cfg.optimizer == "adabelief":
-        notes.append("optimizer adabelief has no TrainingArguments name; exported as "
-                     "adamw_torch; use pytorch_optimizer.AdaBelief via `optimizers=` for the "
-                     "exact setting")
-    if cfg.l1_penalty > 0 or cfg.token_dropout > 0:
-        notes.append("l1_penalty and token_dropout have no TrainingArguments field; see "
-                     "best_config.yaml")
-    args: dict[str, Any] = {
-        "output_dir": output_dir,
-        "learning_rate": cfg.learning_rate,
-        "per_device_train_batch_size": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "num_train_epochs": cfg.epochs,
-        "optim": _HF_OPTIM[cfg.optimizer],
-        "lr_scheduler_type": _HF_SCHEDULE[cfg.lr_schedule],
-        # transformers 5 reads a float warmup_steps in [0, 1) as a ratio (warmup_ratio is gone)
-        "warmup_steps": cfg.warmup_ratio,
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
-        "seed": cfg.seed,
-        "bf16": spec.model.dtype in ("auto", "bfloat16"),
-        "metric_for_best_model": cfg.metric,
-        "greater_is_better": cfg.maximize,
-    }
-    if cfg.adam_beta2 is not None:
-        args["adam_beta2"] = cfg.adam_beta2
-    if cfg.momentum is not None:
-        args["optim_args"] = f"momentum={cfg.momentum}"
-    if cfg.task == "classification" and cfg.label_smoothing > 0:
-        args["label_smoothing_factor"] = cfg.label_smoothing
-    if cfg.max_tokens is not None:
-        notes.append(f"trials stopped after {cfg.max_tokens} training tokens; set max_steps "
-                     "to match your data")
-    return args, notes
-
-
-def lora_config_kwargs(spec: StudySpec, cfg: TrialConfig) -> dict[str, Any]:
-    """Keyword arguments `peft.LoraConfig` accepts."""
-    return {
-        "r": cfg.lora_r,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout,
-        "target_modules": list(cfg.lora_target_modules),
-        "bias": "none",
-        "task_type": "CAUSAL_LM" if cfg.task == "causal_lm" else "SEQ_CLS",
-        "base_model_name_or_path": spec.model.name_or_path,
-        "revision": spec.model.revision,
-    }
-
-
 def leaderboard(study: Any, spec: StudySpec, top_k: int) -> list[dict[str, Any]]:
     """The `top_k` best search trials (`ranking.ranked_trials`), with params and metrics."""
     rows = []
@@ -172,6 +127,34 @@ def leaderboard(study: Any, spec: StudySpec, top_k: int) -> list[dict[str, Any]]
         row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, int | float)})
         rows.append(row)
     return rows
+
+
+def _write_reproduction(out: Path, spec: StudySpec, cfg: TrialConfig, trial: Any,
+                        hf_args: dict[str, Any]) -> dict[str, Path]:
+    """data.json, early_stopping.json (with patience), sft_config.json (causal_lm) and
+    reproduce.py, the standalone script that re-trains the trial from these files."""
+    from importlib import resources
+
+    schedule = trial.user_attrs.get("schedule")
+    written = {"data.json": out / "data.json", "reproduce.py": out / "reproduce.py"}
+    _write_json(written["data.json"], data_description(spec, cfg, schedule,
+                                                       trial.user_attrs.get("engine")))
+    stopping = early_stopping_kwargs(cfg)
+    (out / "early_stopping.json").unlink(missing_ok=True)  # a re-export of another trial
+    if stopping is not None:
+        written["early_stopping.json"] = out / "early_stopping.json"
+        _write_json(written["early_stopping.json"], stopping)
+    (out / "sft_config.json").unlink(missing_ok=True)
+    if cfg.task == "causal_lm":
+        written["sft_config.json"] = out / "sft_config.json"
+        _write_json(written["sft_config.json"], sft_config_kwargs(spec, cfg, hf_args))
+    script = resources.files("gemma_search").joinpath("reproduce.py").read_text()
+    written["reproduce.py"].write_text(script)
+    return written
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
 def _write_leaderboard(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -120,6 +120,14 @@ class Objective:
         verifying = VERIFY_SEED in trial.user_attrs
         if verifying:  # a re-run of a top trial on a new seed (`gemma-search verify`)
             cfg = dataclasses.replace(cfg, seed=int(trial.user_attrs[VERIFY_SEED]))
+        # A retry inherits its predecessor's user attributes (Optuna copies them): why that
+        # one stopped is history, not this run's outcome.
+        inherited = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason")
+        if inherited is not None:
+            trial.set_user_attr("predecessor_stop", inherited)
+            for key in ("fail_reason", "stop_reason"):
+                if key in trial.user_attrs:
+                    trial.set_user_attr(key, None)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("gpus", 1)
         trial.set_user_attr("data_fingerprint", self.data.fingerprint)
@@ -159,6 +167,9 @@ class Objective:
         trial.set_user_attr("peak_memory_bytes", result.peak_memory_bytes)
         trial.set_user_attr("stop_reason", result.stop_reason)
         trial.set_user_attr("resumed_from_step", result.resumed_from_step)
+        # Steps, warmup, evaluation points and precision as planned: `export` writes them into
+        # training_args.json so that plain transformers repeats this very run.
+        trial.set_user_attr("schedule", result.schedule)
         if result.oom_events:
             trial.set_user_attr("oom_events", result.oom_events)
         # How it ran, for the dashboard's trial page (one dict: not a metric to rank on).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ class TrainState:
     since_best: int = 0
     best: dict[str, float] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    next_eval_tokens: int | None = None
     epoch: int = 0
     """Data position: the epoch's permutation and how many of its examples were used."""
     example_offset: int = 0
@@ -109,4 +108,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> T
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainState(**saved["state"])
+    # Keys of older versions (e.g. next_eval_tokens, before evaluations were planned in
+    # steps) are dropped: the step count alone now says when the next evaluation is due.
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in saved["state"].items() if k in known})

@@ -13,7 +13,6 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,8 @@ from gemma_search.train.optim import build_optimizer, build_scheduler
 from gemma_search.train.packing import collate_packed, micro_batches, pack_rows
 from gemma_search.train.reporter import Reporter
 
-__all__ = ["MAX_OOM_RETRIES", "OutOfMemory", "TrainResult", "evaluate", "plan_steps",
-           "train_trial"]
+__all__ = ["MAX_OOM_RETRIES", "OutOfMemory", "TrainResult", "evaluate", "plan_eval_steps",
+           "plan_steps", "train_trial"]
 
 EVAL_BATCH_SIZE = 16
 
@@ -82,6 +81,9 @@ class TrainResult:
     """causal_lm: `liger` or `chunked` fused cross-entropy; other tasks: `head`."""
     plan: str = ""
     """Why the memory plan chose this micro-batch and checkpointing."""
+    schedule: dict[str, Any] = field(default_factory=dict)
+    """What the trial planned, in the terms `transformers.TrainingArguments` uses: max_steps,
+    warmup_steps, eval_steps, the examples it drew from, the precision (export reads it)."""
 
 
 def plan_steps(cfg: TrialConfig, n_train: int, avg_tokens: float) -> int:
@@ -96,6 +98,21 @@ def plan_steps(cfg: TrialConfig, n_train: int, avg_tokens: float) -> int:
         tokens_per_step = max(avg_tokens, 1.0) * cfg.effective_batch_size
         total = min(total, max(1, math.ceil(cfg.max_tokens / tokens_per_step)))
     return total
+
+
+def plan_eval_steps(cfg: TrialConfig, avg_tokens: float) -> int:
+    """Optimizer steps between evaluations.
+
+    `eval_every_tokens` becomes a whole number of steps at the mean example length, like the
+    token budget in `plan_steps`: the i-th evaluation of every trial lands near i x
+    eval_every_tokens whatever its batch size, and the schedule is a plain `eval_steps` that
+    `TrainingArguments` can repeat (an exported trial reproduces in plain transformers).
+    """
+    if cfg.eval_every_steps is not None:
+        return cfg.eval_every_steps
+    assert cfg.eval_every_tokens is not None  # the spec requires one of the two
+    tokens_per_step = max(avg_tokens, 1.0) * cfg.effective_batch_size
+    return max(1, round(cfg.eval_every_tokens / tokens_per_step))
 
 
 def train_trial(base: BaseModel, data: TaskData, cfg: TrialConfig, reporter: Reporter, *,
@@ -148,15 +165,15 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
     train_set = data.train.select(range(n_train))
     # 2. optimizer and schedule over the planned steps
     total_steps = plan_steps(cfg, n_train, data.avg_train_tokens)
+    eval_steps = plan_eval_steps(cfg, data.avg_train_tokens)
+    warmup_steps = round(cfg.warmup_ratio * total_steps)
     optimizer = build_optimizer(model.parameters(), name=cfg.optimizer, lr=cfg.learning_rate,
                                 weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                 adam_beta2=cfg.adam_beta2)
     scheduler = build_scheduler(optimizer, schedule=cfg.lr_schedule,
-                                warmup_steps=round(cfg.warmup_ratio * total_steps),
-                                total_steps=total_steps)
+                                warmup_steps=warmup_steps, total_steps=total_steps)
     adapters = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    state = TrainState(next_eval_tokens=cfg.eval_every_tokens,
-                       micro_batch_size=cfg.micro_batch_size,
+    state = TrainState(micro_batch_size=cfg.micro_batch_size,
                        gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     resumed_from = 0
     if ckpt is not None and ckpt.resume_from is not None:
@@ -175,6 +192,8 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
             model.enable_input_require_grads()  # frozen embeddings: let gradients reach LoRA
             base.activation_checkpointing = True
     stream = _ExampleStream(n_train, cfg.seed, state.epoch, state.example_offset)
+    # The micro-batch the run starts with (the memory plan may lower it): an export repeats it.
+    planned_batch = (state.micro_batch_size, state.gradient_accumulation_steps)
     last_saved: Path | None = None
 
     def checkpoint() -> None:
@@ -207,12 +226,8 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
         if ckpt is not None and ckpt.every_steps and state.step % ckpt.every_steps == 0:
             checkpoint()
 
-        due = (state.tokens >= state.next_eval_tokens) if state.next_eval_tokens is not None \
-            else state.step % cfg.eval_every_steps == 0  # type: ignore[operator]
-        if not due:
+        if state.step % eval_steps:
             continue
-        while state.next_eval_tokens is not None and state.tokens >= state.next_eval_tokens:
-            state.next_eval_tokens += cfg.eval_every_tokens  # type: ignore[operator]
         state.evals += 1
         metrics = evaluate(model, data, device, accelerator)
         row = {"eval": state.evals, "step": state.step, "tokens": state.tokens, **metrics}
@@ -265,6 +280,13 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
         activation_checkpointing=bool(plan and plan.checkpointing),
         loss_backend=fused_loss_available(device) if data.task == "causal_lm" else "head",
         plan="" if plan is None else plan.reason,
+        schedule={"max_steps": total_steps, "warmup_steps": warmup_steps,
+                  "eval_steps": eval_steps, "train_examples": n_train,
+                  "train_examples_available": len(data.train),
+                  "validation_examples": len(data.validation),
+                  "micro_batch_size": planned_batch[0],
+                  "gradient_accumulation_steps": planned_batch[1], "device": device.type,
+                  "mixed_precision": "bf16" if device.type == "cuda" else "no"},
     )
 
 
@@ -401,15 +423,17 @@ def evaluate(model: Any, data: TaskData, device: Any, accelerator: Any) -> dict[
     from gemma_search.train.metrics import classification_metrics, regression_metrics
 
     model.eval()
-    loader = torch.utils.data.DataLoader(
-        data.validation, batch_size=EVAL_BATCH_SIZE, shuffle=False,
-        collate_fn=partial(collate, task=data.task, pad_token_id=data.pad_token_id))
     total, count = 0.0, 0
     preds: list[Any] = []
     labels: list[Any] = []
+    n = len(data.validation)
     with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        # Batches by hand, not a DataLoader: creating its iterator draws from the global
+        # random stream, which would shift every later dropout mask of the trial.
+        for start in range(0, n, EVAL_BATCH_SIZE):
+            rows = [data.validation[i] for i in range(start, min(start + EVAL_BATCH_SIZE, n))]
+            batch = {k: v.to(device) for k, v in
+                     collate(rows, data.task, data.pad_token_id).items()}
             with accelerator.autocast():
                 if data.task == "causal_lm":
                     total += float(_loss_sum(model, batch, data.task, 0.0))
