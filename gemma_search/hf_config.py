@@ -9,12 +9,11 @@ budget, its warmup and evaluation steps, the examples it drew from, its precisio
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 from typing import Any
 
 from gemma_search.spec import StudySpec
 from gemma_search.train.config import TrialConfig
+from gemma_search.train.data import read_arguments
 
 __all__ = ["EVAL_BATCH_SIZE", "data_description", "early_stopping_kwargs", "lora_config_kwargs",
            "sft_config_kwargs", "training_args_kwargs"]
@@ -166,9 +165,9 @@ def data_description(spec: StudySpec, cfg: TrialConfig, schedule: dict[str, Any]
     return {
         "task": task.type,
         "files": {"train": data.train, "validation": data.validation},
-        "read": {"train": _read_arguments(data.train),
-                 "validation": None if data.validation is None
-                 else _read_arguments(data.validation)},
+        "read": {"train": read_arguments(data.train, header=data.header, columns=data.columns),
+                 "validation": None if data.validation is None else read_arguments(
+                     data.validation, header=data.header, columns=data.columns)},
         "rename_columns": dict(data.rename_columns),
         "validation_fraction": None if data.validation is not None else
         data.validation_fraction,
@@ -210,16 +209,3 @@ def data_description(spec: StudySpec, cfg: TrialConfig, schedule: dict[str, Any]
         "model": {"name_or_path": spec.model.name_or_path, "revision": spec.model.revision,
                   "dtype": spec.model.dtype, "attn_implementation": attention},
     }
-
-
-def _read_arguments(path: str) -> dict[str, Any]:
-    """How `datasets` reads `path`, as `train.data.read_table` does."""
-    p = Path(path)
-    if p.is_dir():
-        return {"builder": "load_from_disk"}
-    suffix = p.suffix.lower()
-    if suffix == ".tsv":
-        # GLUE-style TSVs hold bare quotes inside sentences: never treat them as quoting.
-        return {"builder": "csv", "kwargs": {"delimiter": "\t", "quoting": csv.QUOTE_NONE}}
-    builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    return {"builder": builder.get(suffix, suffix.lstrip(".")), "kwargs": {}}

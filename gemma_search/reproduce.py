@@ -193,13 +193,24 @@ def _has_module(name: str) -> bool:
 
 
 def _read(path: str, how: dict[str, Any], split: str) -> Any:
+    """Read a data file as the study did (`read` in data.json)."""
+    import csv
+
     import datasets
 
     if how["builder"] == "load_from_disk":
         loaded = datasets.load_from_disk(path)
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    return datasets.load_dataset(how["builder"], data_files=path, split="train",
-                                 **how.get("kwargs", {}))
+    kwargs = dict(how["kwargs"])
+    if how["strings"]:  # every column as the text the file holds, header or not
+        names = kwargs.get("column_names")
+        if not names:
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                names = next(csv.reader(fh, delimiter=kwargs["delimiter"],
+                                        quoting=kwargs["quoting"]))
+        kwargs["column_names"] = names
+        kwargs["features"] = datasets.Features({n: datasets.Value("string") for n in names})
+    return datasets.load_dataset(how["builder"], data_files=path, split="train", **kwargs)
 
 
 def _examples(data: dict[str, Any], tokenizer: Any, train_path: str | None,

@@ -64,9 +64,10 @@ def task_data(demo_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
                                     "causal_lm": []}
     for path in demo_data:
         rows = _rows(path)[:240]
-        score = [f"{r['text']}\t{(4.0 if r['label'] == 'positive' else 1.0) + rng.uniform(-1, 1):.3f}"
-                 for r in rows]
-        files["regression"].append(_write(out / f"{path.stem}.tsv", ["sentence\tscore", *score]))
+        # A score from the label plus noise, in a TSV without a header row.
+        score = [(4.0 if r["label"] == "positive" else 1.0) + rng.uniform(-1, 1) for r in rows]
+        lines = [f"{r['text']}\t{s:.3f}" for r, s in zip(rows, score, strict=True)]
+        files["regression"].append(_write(out / f"{path.stem}.tsv", lines))
         sft = [json.dumps({"review": r["text"], "answer": r["label"]}) for r in rows]
         files["causal_lm"].append(_write(out / f"{path.stem}-sft.jsonl", sft))
     return {task: (train, validation) for task, (train, validation) in files.items()}
@@ -87,7 +88,9 @@ def _study(tmp_path: Path, model: Path, task: str, data: tuple[Path, Path]) -> t
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(
         f"name: reproduce-{task}\nmodel: {{name_or_path: {model}, dtype: float32}}\n{head}\n"
-        f"data: {{train: {data[0]}, validation: {data[1]}, max_seq_len: {max_len}}}\n"
+        f"data: {{train: {data[0]}, validation: {data[1]}, max_seq_len: {max_len}"
+        + (", header: false, columns: [sentence, score]" if task == "regression" else "")
+        + "}\n"
         + SEARCH.format(targets=targets, token_dropout=token_dropout)
         + f"checkpoints: {{dir: {tmp_path / 'checkpoints'}}}\n")
     url = f"sqlite:///{tmp_path / 'study.db'}"

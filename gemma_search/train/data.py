@@ -37,6 +37,7 @@ __all__ = [
     "collate",
     "fingerprint_files",
     "load_task_data",
+    "read_arguments",
     "read_splits",
     "read_table",
 ]
@@ -118,11 +119,9 @@ def read_table(path: str, key: str, *, split: str = "train", header: bool = True
         _check_bytes(p, key, None if _is_json_array(p) else max_line_bytes)
     if fmt in ("csv", "tsv"):
         names = _delimited_columns(p, key, header, columns)
-        # Every value as the text the file holds: pandas would turn "N/A", "nan" or an empty
-        # cell into a missing value, and a message could not show what the user wrote.
-        kwargs = {"header": 0 if header else None, "column_names": names,
-                  "features": datasets.Features({n: datasets.Value("string") for n in names}),
-                  "na_filter": False, **_dialect(p)}
+        kwargs = {**read_arguments(str(p), header=header, columns=columns)["kwargs"],
+                  "column_names": names,
+                  "features": datasets.Features({n: datasets.Value("string") for n in names})}
         fmt = "csv"
     # datasets logs a parse failure before raising it; the DataError below says it in one line.
     library_log = logging.getLogger("datasets")
@@ -141,6 +140,26 @@ def read_table(path: str, key: str, *, split: str = "train", header: bool = True
     if len(ds) == 0:
         raise DataError(f"{key} file {p} holds no rows; add examples to it")
     return ds
+
+
+def read_arguments(path: str, *, header: bool = True,
+                   columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """How `read_table` has `datasets` read a file, as plain JSON for export's data.json:
+    `{"builder", "kwargs", "strings"}`. With `strings`, every column of a .csv/.tsv is read
+    as the text the file holds (pandas would turn "N/A", "nan" or an empty cell into a
+    missing value, and a message could not show what the user wrote); the column names are
+    `kwargs["column_names"]`, or the file's first line when it is a header."""
+    p = Path(path)
+    if p.is_dir():
+        return {"builder": "load_from_disk", "kwargs": {}, "strings": False}
+    fmt = _FORMATS.get(p.suffix.lower(), p.suffix.lower().lstrip("."))
+    if fmt not in ("csv", "tsv"):
+        return {"builder": fmt, "kwargs": {}, "strings": False}
+    kwargs: dict[str, Any] = {"header": 0 if header else None, "na_filter": False,
+                              **_dialect(p)}
+    if not header:
+        kwargs["column_names"] = list(columns or ())
+    return {"builder": "csv", "kwargs": kwargs, "strings": True}
 
 
 def fingerprint_files(paths: Sequence[str | None], extra: str = "") -> str:
