@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gemma_search.baselines import BASELINES_ATTR, compare_to_baselines
 from gemma_search.errors import StorageError
 from gemma_search.hf_config import (
     data_description,
@@ -103,6 +104,9 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
         "direction": spec.direction,
         "params": best.params,
         "selection": selection,
+        # What the trial must beat: the untrained start and the trivial predictor.
+        "baselines": compare_to_baselines(spec, study.user_attrs.get(BASELINES_ATTR),
+                                          best.value),
         "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, int | float)},
         "base_model": spec.model.name_or_path,
         "base_model_revision": spec.model.revision,

@@ -80,6 +80,7 @@ def write_report(name: str, url: str, out_dir: str | Path, *,
         "best": status["best"],
         "export_pick": status["export_pick"],
         "verification": status["verification"],
+        "baselines": status["baselines"],
         "leaderboard": board,
         "importance_evaluator": rec["evaluator"],
         "importances": importances,
@@ -237,6 +238,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 th { background: #f2f2f2; }
 img { max-width: 100%; border: 1px solid #ddd; }
 .note { color: #8a5a00; }
+.warning { color: #b00020; font-weight: bold; }
 code { background: #f5f5f5; padding: 0 0.2em; }
 """
 
@@ -269,6 +271,17 @@ def _html(s: dict[str, Any], out: Path) -> str:
         parts.append(_table(["param", "value"], list(best["params"].items())))
         if best["metrics"]:
             parts.append(_table(["metric", "value"], list(best["metrics"].items())))
+    base = s["baselines"]
+    parts.append("<h2>Baselines</h2>")
+    if base is None:
+        parts.append("<p class='note'>not measured yet: the first worker measures them</p>")
+    else:
+        warn = " class='warning'" if False in (base["beats_untrained"],
+                                              base["beats_trivial"]) else ""
+        parts.append(_table([base["metric"], "value"], [
+            ["untrained start (fresh adapters, before the first step)", base["untrained"]],
+            [base["trivial_predictor"], base["trivial"]], ["best single trial", base["best"]]]))
+        parts.append(f"<p{warn}>{e(base['line'])}</p>")
     parts.append("<h2>Leaderboard</h2>")
     board = s["leaderboard"]
     if board:

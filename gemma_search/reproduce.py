@@ -582,7 +582,7 @@ def _regression(p: Any, y: Any) -> dict[str, float]:
     """RMSE, Pearson and Spearman (average ranks for ties); a correlation of constant
     predictions is 0."""
     out = {"rmse": float(((p - y) ** 2).mean().sqrt()), "pearson": 0.0, "spearman": 0.0}
-    if len(p) > 1 and float(p.std()) > 0 and float(y.std()) > 0:
+    if len(p) > 1 and float(p.max() - p.min()) > 0 and float(y.max() - y.min()) > 0:
         out["pearson"] = _pearson(p, y)
         out["spearman"] = _pearson(_ranks(p), _ranks(y))
     return out

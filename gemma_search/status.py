@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from gemma_search.baselines import BASELINES_ATTR, compare_to_baselines
 from gemma_search.spec import StudySpec
 from gemma_search.study import budget_used, gpu_hours_used
 
@@ -98,6 +99,9 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
         "eta_seconds": estimate_seconds_left(trials, spec, alive, now,
                                              not_created=0 if verifies is not None else None),
         "recommendation": recommendation(study, spec) if ranked else None,
+        # The untrained start and the trivial predictor, with the best held against them.
+        "baselines": compare_to_baselines(spec, study.user_attrs.get(BASELINES_ATTR),
+                                          None if best is None else best["value"]),
     }
 
 
@@ -158,14 +162,21 @@ def render_status(summary: dict[str, Any]) -> Any:
                           "picks"))
     best = summary["best"]
     if best is not None:
-        table = Table(title=f"best single: trial {best['trial']}, {summary['metric']} = "
-                      f"{best['value']:.6g} ({summary['direction']})")
-        table.add_column("param")
-        table.add_column("value")
-        for key, value in best["params"].items():
-            table.add_row(key, _fmt(value))
-        parts.append(table)
+        title = (f"best single: trial {best['trial']}, {summary['metric']} = "
+                 f"{best['value']:.6g} ({summary['direction']})")
+        if not best["params"]:  # nothing searched: no table to show
+            parts.append(Text(title))
+        else:
+            table = Table(title=title)
+            table.add_column("param")
+            table.add_column("value")
+            for key, value in best["params"].items():
+                table.add_row(key, _fmt(value))
+            parts.append(table)
     lines = _pick_lines(summary)
+    baselines = summary.get("baselines")
+    if baselines is not None:
+        lines.append(baselines["line"])
     if lines:
         parts.append(Text("\n".join(lines)))
     advice = summary.get("recommendation")

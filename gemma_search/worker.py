@@ -175,8 +175,26 @@ def run_worker(name: str, url: str, *, index: int = 0, stop: StopFlag | None = N
     stop = stop or StopFlag()
     study, spec = load_study(name, url, heartbeat=True, worker_index=index)
     base, data = load_resources(spec)
+    _baselines(study, spec, base, data)
     with WorkerRow(url, name, spec.storage, base.device) as status:
         return _trial_loop(study, spec, url, index, base, data, stop, status)
+
+
+def _baselines(study: Any, spec: StudySpec, base: Any, data: Any) -> None:
+    """Measure the study's baselines once (the first worker to start does), before its first
+    trial. A verify companion shares its search study's, and a database hiccup only costs
+    the figures: the next worker to start measures them."""
+    from gemma_search.baselines import record_baselines
+    from gemma_search.verify import search_study_of
+
+    if search_study_of(study) is not None:
+        return
+    try:
+        record_baselines(study, spec, base, data)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("baselines not recorded (storage unavailable: %s)", first_line(exc))
 
 
 def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, data: Any,

@@ -28,7 +28,7 @@ def regression_metrics(preds: np.ndarray, targets: np.ndarray) -> dict[str, floa
     """RMSE, Pearson and Spearman; a correlation undefined for constant predictions is 0."""
     rmse = float(np.sqrt(np.mean((preds - targets) ** 2)))
     out = {"rmse": rmse, "pearson": 0.0, "spearman": 0.0}
-    if len(preds) > 1 and np.std(preds) > 0 and np.std(targets) > 0:
+    if len(preds) > 1 and np.ptp(preds) > 0 and np.ptp(targets) > 0:  # not constant
         pearson = float(stats.pearsonr(preds, targets)[0])
         spearman = float(stats.spearmanr(preds, targets)[0])
         out["pearson"] = pearson if math.isfinite(pearson) else 0.0
