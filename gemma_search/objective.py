@@ -122,7 +122,7 @@ class Objective:
             cfg = dataclasses.replace(cfg, seed=int(trial.user_attrs[VERIFY_SEED]))
         # A retry inherits its predecessor's user attributes (Optuna copies them): why that
         # one stopped is history, not this run's outcome.
-        inherited = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stop_reason")
+        inherited = trial.user_attrs.get("stop_reason") or trial.user_attrs.get("fail_reason")
         if inherited is not None:
             trial.set_user_attr("predecessor_stop", inherited)
             for key in ("fail_reason", "stop_reason"):

@@ -25,10 +25,12 @@ study's own one step for step, beyond what the JSON files say:
        dropout masks match), where Trainer would re-seed;
     3. the loss of an optimizer step is the sum over its examples (causal_lm: their target
        tokens) divided by their count, and evaluations use the study's metrics (causal_lm:
-       the loss per target token over the whole validation set).
-Packed causal_lm rows are not repeated: the same examples run padded, which gives the same
-loss; with LoRA dropout on, the dropout masks then differ in shape and the figures agree to
-about 1e-3 rather than exactly.
+       the loss per target token over the whole validation set); causal_lm with packing
+       packs each step's examples into rows as the study did, one micro-batch of rows per
+       dataset item, so that LoRA dropout draws its masks over the same shapes.
+Token dropout and the L1 penalty, which TrainingArguments has no field for, come from
+data.json. For your own training code, training_args.json and lora_config.json alone give
+the same recipe with Trainer's own shuffling.
 """
 
 from __future__ import annotations

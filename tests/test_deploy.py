@@ -294,7 +294,9 @@ def test_compose_worker_has_every_gpu_one_worker_each() -> None:
     argv = _argv(_interpolate(worker["command"]))
     assert argv[0] == "launch" and "--gpus" in argv
     assert _duration_seconds(worker["stop_grace_period"]) >= GRACE_SECONDS
-    assert worker["restart"] == "on-failure"  # exit 0: budget spent, stay down
+    # exit 0: budget spent, stay down; a bounded number of restarts: a configuration error
+    # stops `launch` too, and restarting it for ever would reload the model for ever
+    assert worker["restart"] == "on-failure:3"
 
 
 def test_compose_storage_url_only_from_a_secret_file() -> None:
@@ -342,6 +344,11 @@ def test_k8s_workers_are_an_indexed_job_one_gpu_per_pod() -> None:
     assert pod["terminationGracePeriodSeconds"] >= GRACE_SECONDS
     if "podFailurePolicy" in job:  # the API refuses it with any other restartPolicy
         assert pod["restartPolicy"] == "Never"
+    from gemma_search.errors import CONFIG_ERROR_EXIT
+
+    # a configuration error fails the whole Job: every index would hit it
+    fail_job = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert [r["onExitCodes"]["values"] for r in fail_job] == [[CONFIG_ERROR_EXIT]]
     (worker,) = [c for c in pod["containers"] if c["name"] == "worker"]
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == 1
     argv = _argv(worker["command"][2].split("gemma-search ", 1)[1])

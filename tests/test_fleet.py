@@ -128,6 +128,10 @@ def test_sigterm_checkpoints_requeues_and_a_new_worker_resumes(
     assert retried.state == TrialState.COMPLETE
     assert retried.params == failed.params
     assert retried.user_attrs["resumed_from_step"] > 0
+    # the retry's outcome is its own; the predecessor's is kept apart, as history
+    assert retried.user_attrs["stop_reason"] == "completed"
+    assert retried.user_attrs["predecessor_stop"] == "preempted"
+    assert not retried.user_attrs.get("fail_reason")
     # reported values continue where they stopped: the inherited ones come first
     assert set(failed.intermediate_values) <= set(retried.intermediate_values)
     assert len(study.get_trials(deepcopy=False)) == 2  # the budget of 1 counted the retry once
