@@ -444,7 +444,7 @@ def docs_section(result: dict[str, Any], png: Path) -> str:
         f"for every study), `dev.tsv` subset of {sc['max_validation_examples']}, "
         f"max_seq_len {sc['max_seq_len']}.",
         f"- Budget: {sc['max_trials']} trials per study; each trial at most "
-        f"{sc['max_tokens_per_trial']:,} training tokens (the LR schedule spans them, DESIGN "
+        f"{sc['max_tokens_per_trial']:,} training tokens (the LR schedule spans them, design "
         f"decision 11), evaluated every {sc['eval_every_tokens']:,} tokens "
         f"({sc['max_tokens_per_trial'] // sc['eval_every_tokens']} evaluation points; rung 1 "
         "= 10% of the budget). Sampler seeds: "

@@ -1,7 +1,7 @@
 """A tiny Gemma 2: the 9B's structure at toy size, saved like a real checkpoint.
 
 Tests and the demo load it through the same `from_pretrained` path that loads
-`google/gemma-2-9b` (DESIGN decision 10): no model hub is needed.
+`google/gemma-2-9b` (design decision 10): no model hub is needed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """docker/: the image, compose, Kubernetes and SLURM files, checked with no Docker engine.
 
 What can be checked here is: every YAML parses; compose and Kubernetes references resolve;
-GPUs and worker indexes are wired as DESIGN decision 12 says; every `gemma-search` command
+GPUs and worker indexes are wired as design decision 12 says; every `gemma-search` command
 these files and README.md run exists with the options they pass; the image installs
 the project as README.md does; no password is committed; and the two shell wrappers (the
 SLURM batch script, the Kubernetes worker) give the worker exactly one SIGTERM and exit as

@@ -1,4 +1,4 @@
-"""The memory estimate against DESIGN.md's measured peaks, and the batch plan built on it.
+"""The memory estimate against the measured peaks of docs/design.md, and the batch plan built on it.
 
 Pure arithmetic: no torch, no transformers (the config is duck-typed), well under a second.
 """
@@ -23,9 +23,9 @@ from gemma_search.train.memory import (
     plan_batch,
 )
 
-# DESIGN.md's performance table: H200, Gemma 2 9B shapes, LoRA r16 all-linear, seq 1024,
+# docs/design.md's performance references: H200, Gemma 2 9B shapes, LoRA r16 all-linear, seq 1024,
 # bf16 weights, AdamW. "Liger" = fused linear cross-entropy + RMSNorm + GeGLU + RoPE kernels.
-DESIGN_ROWS = [
+REFERENCE_ROWS = [
     pytest.param(dict(micro_batch=4, attention="eager", checkpointing=True, fused_loss=False),
                  35, id="plain-eager-ckpt-b4"),
     pytest.param(dict(micro_batch=4, attention="eager", checkpointing=True, fused_loss=True),
@@ -49,7 +49,7 @@ def estimate(**kw: Any) -> int:
     return estimate_peak_bytes(GEMMA2_9B, **args).total
 
 
-@pytest.mark.parametrize(("kwargs", "measured_gib"), DESIGN_ROWS)
+@pytest.mark.parametrize(("kwargs", "measured_gib"), REFERENCE_ROWS)
 def test_estimate_within_20_percent_of_design_table(kwargs: dict[str, Any],
                                                     measured_gib: float) -> None:
     got = estimate(**kwargs) / GiB
@@ -156,7 +156,7 @@ def plan(free_gib: float | None, **kw: Any) -> Any:
 
 
 def test_h200_keeps_b8_flex_without_checkpointing() -> None:
-    # DESIGN: Liger + flex_attention, no checkpointing, b8 measured 115 GiB on the H200
+    # docs/design.md: Liger + flex_attention, no checkpointing, b8 measured 115 GiB on the H200
     p = plan(141, attention="flex_attention", fused_loss=True)
     assert (p.micro_batch, p.grad_accum, p.checkpointing, p.fits) == (8, 2, False, True)
     assert p.estimate.total <= p.budget_bytes

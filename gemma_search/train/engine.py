@@ -72,7 +72,7 @@ class TrainResult:
     """From the call to the first optimizer step's start: adapters, optimizer, plan."""
     teardown_seconds: float = 0.0
     """Adapters detached and memory freed after the run; with the next trial's setup, the
-    trial switch of a worker whose base stays resident (DESIGN decision 6)."""
+    trial switch of a worker whose base stays resident (design decision 6)."""
     micro_batch_size: int = 0
     """The micro-batch the run ended with (the memory plan and OOM halvings applied)."""
     activation_checkpointing: bool = False
@@ -90,7 +90,7 @@ def plan_steps(cfg: TrialConfig, n_train: int, avg_tokens: float) -> int:
     """Optimizer steps of the whole trial: epochs over the data, capped by the token budget.
 
     The LR schedule runs over exactly these steps, so that evaluations at fixed token counts
-    see the schedule of the full-length run (DESIGN decision 11).
+    see the schedule of the full-length run (design decision 11).
     """
     steps_per_epoch = max(1, math.ceil(n_train / cfg.effective_batch_size))
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -309,7 +309,7 @@ def _memory_plan(base: BaseModel, data: TaskData, cfg: TrialConfig,
                  train_set: Any) -> BatchPlan | None:
     """The batch plan for the device's free memory; None on CPU (no limit to plan for).
 
-    Checkpointing costs ~28% of throughput (DESIGN, H200 at batch 4), so it is only used
+    Checkpointing costs ~28% of throughput (docs/design.md, H200 at batch 4), so it is only used
     when the requested micro-batch does not fit otherwise (`memory.plan_batch`).
     """
     free = free_device_bytes(base.device)
@@ -334,7 +334,7 @@ def _train_window(model: Any, train_set: Any, window: list[int], data: TaskData,
 
     Out of device memory: free what the failed attempt held, halve the micro-batch, double
     the accumulation (the same examples, the same effective batch) and redo the window
-    (DESIGN decision 9). After MAX_OOM_RETRIES halvings the trial fails with OutOfMemory.
+    (design decision 9). After MAX_OOM_RETRIES halvings the trial fails with OutOfMemory.
     """
     import torch
 
@@ -475,7 +475,7 @@ def _loss_sum(model: Any, batch: dict[str, Any], task: str, label_smoothing: flo
 
     if task == "causal_lm":
         # Fused linear cross-entropy with Gemma 2's final soft-cap: the [tokens, 256k]
-        # logits are never materialised for the whole micro-batch (DESIGN decision 7).
+        # logits are never materialised for the whole micro-batch (design decision 7).
         return causal_lm_loss_sum(model, batch["input_ids"], batch.get("attention_mask"),
                                   batch["labels"], batch.get("position_ids"))
     logits = _forward(model, batch).float()

@@ -2,7 +2,7 @@
 
 `model(...).logits` for a micro-batch of 4 x 1024 tokens is 4096 x 256,000 values: 2 GiB in
 bf16, 4 GiB more once upcast to fp32, and autograd keeps several such tensors for backward
-(DESIGN decision 7). Here the decoder body runs alone, only the hidden states whose next
+(design decision 7). Here the decoder body runs alone, only the hidden states whose next
 token is a target are kept (prompt-masked SFT has few), and those are projected onto the
 vocabulary a chunk at a time, with Gemma 2's final soft-cap `cap * tanh(logits / cap)`:
 

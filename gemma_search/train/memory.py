@@ -4,17 +4,17 @@ gradient accumulation and activation checkpointing that fit the GPU.
 The estimate is pure arithmetic over the model's shapes (no torch): what autograd keeps alive per
 token and per layer, read off Gemma 2's forward in transformers + peft (each saved tensor counted
 once; checked on CPU with saved_tensors_hooks). It needs no calibration factor: as derived it
-lands within 5% of every measured peak in DESIGN.md's performance table (H200, Gemma 2 9B, LoRA
-r16 on all seven projections, dropout 0.05, seq 1024, AdamW; max_memory_allocated):
+lands within 5% of every peak in docs/design.md's performance references (H200, Gemma 2 9B,
+LoRA r16 on all seven projections, dropout 0.05, seq 1024, AdamW; max_memory_allocated):
 
-| configuration (DESIGN.md)              | measured GiB | estimate GiB |
+| configuration (docs/design.md)         | measured GiB | estimate GiB |
 | -------------------------------------- | ------------ | ------------ |
 | plain, eager, checkpointing, b4        | 35           | 35.1 (+0.3%) |
 | Liger, eager, checkpointing, b4        | 21           | 22.0 (+4.9%) |
 | Liger, eager, no checkpointing, b4     | 89           | 88.5 (-0.6%) |
 | Liger, flex_attention, no ckpt, b8     | 115          | 113.1 (-1.7%)|
 
-Use at trial start, before the first window (the engine's OOM path, DESIGN decision 9, stays as
+Use at trial start, before the first window (the engine's OOM path, design decision 9, stays as
 the safety net)::
 
     plan = plan_batch(ModelShapes.from_config(base.model.config),
@@ -50,7 +50,7 @@ Attention = Literal["eager", "flex_attention", "flash_attention_2"]
 #: The seven linear projections of a Gemma 2 decoder layer ("all-linear" in peft).
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-#: Per-token time with activation checkpointing over without: DESIGN.md, H200, Liger, eager,
+#: Per-token time with activation checkpointing over without: docs/design.md, H200, Liger, eager,
 #: batch 4, 5,959 vs 4,303 tokens/s (the recomputed forward is ~28% of throughput).
 CHECKPOINT_SLOWDOWN = 5959 / 4303
 
@@ -213,7 +213,7 @@ def estimate_peak_bytes(shapes: ModelShapes, *, micro_batch: int, seq_len: int,
     else:
         weights = shapes.n_params * weight_bytes
     # 2. per token and layer, what autograd keeps; eager's scores per layer. Not calibrated:
-    #    the count lands within 5% of all four DESIGN rows as it is (see the module docstring).
+    #    the count lands within 5% of all four reference rows as it is (see the module docstring).
     per_token = _layer_bytes_per_token(shapes, act=act, attention=attention, fused=fused,
                                        modules={n: io[0] for n, io in modules.items()},
                                        lora_r=lora_r, dropout=lora_dropout)
@@ -324,7 +324,7 @@ def _loss_bytes(shapes: ModelShapes, *, tokens: int, act: int, fused: bool, task
         return rows * shapes.vocab * (act + 4) + tokens * (act * shapes.hidden + 4)
     # Unfused, per logit, at the start of backward: the soft-capped logits and the tanh output
     # Gemma 2's forward keeps (act each), then the loss's fp32 upcast: log-softmax output, its
-    # gradient and the input gradient (4 each). 16 bytes in bf16; the plain DESIGN row (35 GiB)
+    # gradient and the input gradient (4 each). 16 bytes in bf16; the plain reference row (35 GiB)
     # bears it out. The engine's own slice-and-copy before cross_entropy adds ~4 more.
     return tokens * shapes.vocab * (2 * act + 12)
 

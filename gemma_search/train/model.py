@@ -1,7 +1,8 @@
 """Load the base model once, attach fresh LoRA adapters per trial, detach them after.
 
-Loading Gemma 2 9B takes 15 s from page cache and minutes from network disk (DESIGN
-decision 6), so a worker keeps the base resident and only adapters come and go.
+Loading Gemma 2 9B takes 15 s from page cache and minutes from network disk (design
+decision 6 in docs/design.md), so a worker keeps the base resident and only adapters come
+and go.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class BaseModel:
         """Device bytes still allocated beyond the post-load baseline (0 on CPU).
 
         Adapters, optimizer state and gradients that outlive a trial show up here
-        (transformers#13019, optuna#5931; DESIGN decision 8).
+        (transformers#13019, optuna#5931; design decision 8).
         """
         if self.device.type != "cuda":
             return 0
@@ -58,7 +59,7 @@ def resolve_attention(requested: str, device_type: str) -> str:
 
     `auto`: flash_attention_2 when flash-attn >= 2.6 is installed on a GPU (varlen packing,
     no [seq, seq] scores), else flex_attention on a GPU, else eager. transformers' `sdpa`
-    silently drops the soft-cap (DESIGN decision 7), so it is refused outright.
+    silently drops the soft-cap (design decision 7), so it is refused outright.
     """
     if requested == "sdpa":
         raise TrainingError("model.attn_implementation is 'sdpa', which drops Gemma 2's "
