@@ -260,17 +260,23 @@ def dashboard(
     study: StudyArg,
     storage: StorageOpt = None,
     host: Annotated[str, typer.Option(
-        help="Address to listen on. Keep 127.0.0.1 and tunnel: the dashboard has no login.")
-    ] = "127.0.0.1",
+        help="Address to listen on. Anything but loopback serves read-only and asks for a "
+             "token (printed in the link, or --token-file).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")
                     ] = 8080,
+    read_only: Annotated[bool, typer.Option(
+        "--read-only", help="Refuse every change (always so off loopback).")] = False,
+    token_file: Annotated[Path | None, typer.Option(
+        help="Ask for the token on this file's first line (off loopback: instead of a "
+             "generated one).", show_default=False)] = None,
 ) -> None:
     """Serve optuna-dashboard (plots, trials, params) for a study until Ctrl-C."""
-    from gemma_search.dashboard import serve
+    from gemma_search.dashboard import access_for, serve
     from gemma_search.storage import resolve_storage_url
 
-    serve(study, resolve_storage_url(storage), host, port,
-          warn=lambda warning: typer.echo(warning, err=True),
+    access = access_for(host, read_only=read_only, token_file=token_file)
+    serve(study, resolve_storage_url(storage), host, port, access=access,
+          warn=lambda note: typer.echo(note, err=True),
           ready=lambda link: typer.echo(f"dashboard of study {study!r}: open {link} "
                                         "(Ctrl-C stops it)"))
 

@@ -256,6 +256,10 @@ class SamplerSpec:
 
     type: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
     seed: int | None = None
+    """Seeds each trial's sampling from (seed, trial number): no trial, worker or restart
+    repeats another's draw, and the same trial results give the same proposals on a fresh
+    database. It fixes neither training randomness (`search.seed`) nor, with several
+    workers, which trials have finished when one starts. None: fresh entropy per process."""
     n_startup_trials: int = 5
     """Random trials before the model-based sampler takes over (tpe, gp, cmaes)."""
 

@@ -87,6 +87,8 @@ def load_study(name: str, url: str, *, heartbeat: bool = False,
     """The named study with the sampler and pruner its stored spec asks for.
 
     `heartbeat`: open the storage as a worker, with the spec's heartbeat settings.
+    `worker_index` names the worker that asks; sampling does not depend on it (each trial
+    is seeded from its own number, see `build_sampler`).
     """
     import optuna
 
@@ -110,28 +112,43 @@ def load_study(name: str, url: str, *, heartbeat: bool = False,
                                                s.max_retries),
                                connect_patience=s.reconnect_seconds)
     study = optuna.load_study(study_name=name, storage=storage,
-                              sampler=build_sampler(spec, worker_index),
+                              sampler=build_sampler(spec),
                               pruner=build_pruner(spec))
     return study, spec
 
 
-def build_sampler(spec: StudySpec, worker_index: int = 0) -> Any:
-    """The spec's sampler. Each worker's seed is offset by its index: equal seeds in parallel
-    workers would propose the same configurations."""
+def build_sampler(spec: StudySpec) -> Any:
+    """The spec's sampler; with `sampler.seed`, each trial is sampled from (seed, trial number).
+
+    Seeding per process, with the seed offset by the worker index, replayed the random
+    start-up trials whenever a worker restarted (issue 12: a worker restarted 3 times with
+    random sampling ran 12 trials on 3 configurations). Trial numbers are never reused in a
+    study, so no trial, of any worker or any restart, draws what another drew. What trial N
+    proposes depends on the seed, N and the trials the study holds when N starts, never on
+    which worker or process asks. Without a seed, every process draws from the operating
+    system's entropy.
+    """
     import optuna
 
+    from gemma_search.sampler import TrialSeededSampler
+
     s = spec.sampler
-    seed = None if s.seed is None else s.seed + worker_index
-    if s.type == "tpe":
-        # constant_liar: running trials count as bad guesses, so parallel workers spread out.
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials,
-                                          multivariate=True, group=True, constant_liar=True)
-    if s.type == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if s.type == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
-    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials,
-                                        warn_independent_sampling=False)
+
+    def make(seed: int | None) -> Any:
+        if s.type == "tpe":
+            # constant_liar: running trials count as bad guesses, so parallel workers spread
+            # out.
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                              multivariate=True, group=True,
+                                              constant_liar=True)
+        if s.type == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if s.type == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                            warn_independent_sampling=False)
+
+    return make(None) if s.seed is None else TrialSeededSampler(make, s.seed)
 
 
 def build_pruner(spec: StudySpec) -> Any:

@@ -1,4 +1,5 @@
-"""`gemma-search dashboard`: a real chromium opens the study page and sees its trials and plot.
+"""`gemma-search dashboard`: a real chromium opens the study page and sees its trials and plot;
+off loopback it needs the printed token, and nothing it is sent changes the study.
 
 The browser is Debian's chromium (apt), driven by Playwright for Python; nothing is downloaded.
 Without chromium or playwright the browser test skips, and in CI (`CI=true`) it fails.
@@ -19,9 +20,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 import pytest
 from typer.testing import CliRunner
@@ -39,6 +43,7 @@ N_TRIALS = 8
 #: First validation loss of each trial: uneven, so the best-so-far line has steps.
 STARTS = [0.74, 0.80, 0.86, 0.69, 0.77, 0.90, 0.64, 0.72]
 LINK = re.compile(r"open (http://\S+/dashboard/\S*)")
+API = "/api/studies/1"
 
 
 def need_browser() -> None:
@@ -210,14 +215,144 @@ def test_browser_shows_trials_and_history_plot(dashboard: Callable[..., Dashboar
     assert server.interrupt() == 0, server.output()
 
 
-def test_public_host_warns_and_ctrl_c_exits_0(dashboard: Callable[..., Dashboard]) -> None:
+def request(url: str, method: str = "GET", **headers: str) -> tuple[int, str]:
+    """(status, body) of one HTTP request; errors are answers here, not exceptions."""
+    req = urllib.request.Request(url, method=method, headers=headers,
+                                 data=b"{}" if method in ("POST", "PUT") else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def trials_in(url: str) -> int:
+    """The study's trials as the storage has them (raises if the study is gone)."""
+    import optuna
+
+    return len(optuna.load_study(study_name=STUDY, storage=url).trials)
+
+
+def test_shared_dashboard_needs_its_token_and_changes_nothing(
+        dashboard: Callable[..., Dashboard], study_url: str) -> None:
+    """Bound to every interface, as `--host 0.0.0.0` on a head node or in a container."""
+    need_browser()
+    from playwright.sync_api import sync_playwright
+
     server = dashboard("--host", "0.0.0.0", "--port", "0")
-    link = server.link()
-    assert link.startswith(f"http://{socket.gethostname()}:")
-    warning = server.wait_for(re.compile(r"^warning: .*$", re.M), server.err).group(0)
-    assert "no authentication" in warning and "ssh -L" in warning, warning
+    link = urlsplit(server.link())
+    assert link.hostname == socket.gethostname()
+    token = re.fullmatch(r"token=([\w-]+)", link.query).group(1)  # type: ignore[union-attr]
+    assert len(token) >= 40  # secrets.token_urlsafe(32)
+    note = server.wait_for(re.compile(r"^note: .*$", re.M), server.err).group(0)
+    assert "read-only" in note and "secret" in note, note
+    assert "sqlite" not in server.output()
+    # From this machine, by address, as a colleague's browser reaches the head node.
+    base = f"http://127.0.0.1:{link.port}"
+    page_url = f"{base}{link.path}"
+
+    # Without the token, or with a wrong one: refused, whatever the route and method.
+    for url, method, headers in [
+            (page_url, "GET", {}), (base + API, "GET", {}),
+            (base + API, "DELETE", {}), (f"{page_url}?token={token[:-1]}x", "GET", {}),
+            (base + API, "GET", {"Authorization": f"Bearer {token[:-1]}x"}),
+            (base + API, "GET", {"Cookie": "gemma_search_dashboard=" + token})]:
+        status, body = request(url, method, **headers)
+        assert status == 401 and "token" in body, (url, method, status, body)
+    # With it, as a script sends it: reads pass, every write is refused.
+    bearer = {"Authorization": f"Bearer {token}"}
+    status, body = request(base + API, **bearer)
+    assert status == 200 and '"trials"' in body
+    for path, method in [(API, "DELETE"), ("/api/studies", "POST"),
+                         (f"{API}/rename", "POST"), (f"{API}/note", "PUT"),
+                         ("/api/trials/1/user-attrs", "POST")]:
+        status, body = request(base + path, method, **bearer)
+        assert status == 405 and "read-only" in body, (path, method, status, body)
+    assert trials_in(study_url) == N_TRIALS
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+                                    timeout=60_000)
+        try:
+            # The printed link clicked on another site's page (a chat, a mail): the token
+            # becomes a cookie and leaves the address bar.
+            page = browser.new_page()
+            page.set_content(f'<a href="{page_url}?token={token}">the study</a>')
+            page.click("a")
+            page.wait_for_url(page_url, timeout=30_000)
+            history = page.locator(".MuiCard-root", has=page.get_by_role(
+                "heading", name="History", exact=True))
+            history.locator(".js-plotly-plot .scatterlayer .point").first.wait_for(
+                timeout=30_000)
+            assert "token" not in page.url
+            (cookie,) = page.context.cookies()
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            # The browser's cookie opens the API, and a DELETE with it is still refused.
+            assert page.request.get(base + API).status == 200
+            deleted = page.request.delete(base + API)
+            assert deleted.status == 405, deleted.text()
+            # A browser without the cookie gets no page.
+            stranger = browser.new_page()
+            answer = stranger.goto(page_url)
+            assert answer is not None and answer.status == 401
+        finally:
+            browser.close()
+    assert trials_in(study_url) == N_TRIALS
     assert server.interrupt() == 0, server.output()
     assert "Traceback" not in server.output()
+
+
+def test_loopback_refuses_other_host_names_and_cross_site_writes(
+        dashboard: Callable[..., Dashboard], study_url: str) -> None:
+    """Without a token the UI may delete studies: only loopback names and same-site pages."""
+    server = dashboard("--port", "0")
+    base = f"http://127.0.0.1:{urlsplit(server.link()).port}"
+    assert request(base + API)[0] == 200
+    # DNS rebinding: a page of attacker.example whose name now points at 127.0.0.1.
+    status, body = request(base + API, Host="attacker.example")
+    assert status == 403 and "loopback" in body
+    status, _ = request(base + API, "DELETE", Origin="http://attacker.example")
+    assert status == 403
+    assert trials_in(study_url) == N_TRIALS
+    assert request(base + API, Host="localhost:9000")[0] == 200  # ssh -L 9000:127.0.0.1:...
+    assert server.interrupt() == 0, server.output()
+
+
+def test_token_file_and_read_only_on_loopback(dashboard: Callable[..., Dashboard],
+                                              study_url: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("a-token-from-a-file-0123456789\n")
+    server = dashboard("--port", "0", "--read-only", "--token-file", str(token_file))
+    link = urlsplit(server.link())
+    assert link.query == ""  # the token stays in its file, out of the terminal and logs
+    assert "a-token-from-a-file" not in server.output()
+    assert str(token_file) in server.wait_for(re.compile(r"^note: .*$", re.M), server.err)[0]
+    base = f"http://127.0.0.1:{link.port}"
+    assert request(base + API)[0] == 401
+    bearer = {"Authorization": "Bearer a-token-from-a-file-0123456789"}
+    assert request(base + API, **bearer)[0] == 200
+    assert request(base + API, "DELETE", **bearer)[0] == 405
+    assert trials_in(study_url) == N_TRIALS
+    assert server.interrupt() == 0, server.output()
+
+
+def test_read_only_storage_refuses_writes(study_url: str) -> None:
+    from gemma_search.dashboard import ReadOnlyStorage
+    from gemma_search.errors import GemmaSearchError
+    from gemma_search.storage import open_storage
+
+    storage = open_storage(study_url, must_exist=True)
+    read_only = ReadOnlyStorage(storage)
+    study_id = read_only.get_study_id_from_name(STUDY)
+    assert len(read_only.get_all_trials(study_id)) == N_TRIALS
+    assert read_only.get_best_trial(study_id).number == 6
+    for write in (lambda: read_only.delete_study(study_id),
+                  lambda: read_only.set_study_user_attr(study_id, "k", 1),
+                  lambda: read_only.create_new_trial(study_id)):
+        with pytest.raises(GemmaSearchError, match="read-only"):
+            write()
+    assert trials_in(study_url) == N_TRIALS
+    storage.engine.dispose()
 
 
 runner = CliRunner()
@@ -254,13 +389,33 @@ def test_storage_password_is_never_printed() -> None:
     assert "s3cret-pw" not in line
 
 
-def test_public_host_warning() -> None:
-    from gemma_search.dashboard import dashboard_link, public_host_warning
+@pytest.mark.parametrize("content, fragment", [
+    (None, "does not exist"), ("short\n", "at least 16"), ("", "holds 0 characters")])
+def test_bad_token_file_is_one_line(study_url: str, tmp_path: Path, content: str | None,
+                                    fragment: str) -> None:
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content)
+    assert_one_line_error([STUDY, "--storage", study_url, "--token-file", str(path)],
+                          f"--token-file {path}", fragment)
+
+
+def test_access_rules_and_links() -> None:
+    from gemma_search.dashboard import access_for, dashboard_link, is_loopback, sharing_note
 
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
-        assert public_host_warning(host) is None
+        assert is_loopback(host)
+        access = access_for(host)
+        assert access.token is None and not access.read_only
+        assert sharing_note(host, access) is None
+    assert access_for("127.0.0.1", read_only=True).read_only
     for host in ("0.0.0.0", "::", "10.1.2.3", "head-node"):
-        assert "no authentication" in (public_host_warning(host, 8081) or "")
-    assert "ssh -L 8081:127.0.0.1:8081" in (public_host_warning("0.0.0.0", 8081) or "")
+        assert not is_loopback(host)
+        access = access_for(host)
+        assert access.read_only and access.token and len(access.token) >= 40
+        assert "read-only" in (sharing_note(host, access) or "")
+    assert access_for("0.0.0.0").token != access_for("0.0.0.0").token
     assert dashboard_link("::1", 8080, 3) == "http://[::1]:8080/dashboard/studies/3"
     assert dashboard_link("127.0.0.1", 80, None) == "http://127.0.0.1:80/dashboard/"
+    assert (dashboard_link("10.1.2.3", 80, 1, "a-b_c")
+            == "http://10.1.2.3:80/dashboard/studies/1?token=a-b_c")
