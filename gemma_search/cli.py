@@ -43,9 +43,14 @@ StudyArg = Annotated[str, typer.Argument(help="Study name (the spec's `name`).")
 def _quiet_libraries() -> None:
     """Keep library progress bars and load reports out of one-line errors and tables."""
     import os
+    import sys
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # The variable is read when datasets is imported; a process that imported it already (a
+    # test runner, a notebook) needs telling directly.
+    if "datasets" in sys.modules and os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def _user_errors(fn: F) -> F:
