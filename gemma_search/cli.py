@@ -61,10 +61,21 @@ def _user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except GemmaSearchError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {_printable(str(exc))}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _printable(text: str) -> str:
+    """`text` with control and format characters escaped (ESC as \\x1b, a newline as \\n,
+    U+202E as \\u202e): an error quotes what the user gave, and that must neither drive the
+    terminal nor break the message into lines."""
+    import unicodedata
+
+    return "".join(ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
+                   for ch in text)
 
 
 @app.command()
@@ -151,9 +162,22 @@ def worker(
     An error in the spec, the data or the model exits with code 3, not 1: `launch` restarts a
     worker that crashed, but not one that a restart would stop the same way.
     """
-    from gemma_search.storage import resolve_storage_url
+    from gemma_search.storage import (
+        STORAGE_ENV,
+        STORAGE_FILE_ENV,
+        has_password,
+        resolve_storage_url,
+    )
     from gemma_search.worker import StopFlag, run_worker
 
+    if storage is not None and has_password(storage):
+        # Warned, not refused: the process list has shown it by now anyway, and a worker
+        # started by hand must still run. `launch` hands its workers the URL in the
+        # environment, never on the command line.
+        typer.echo(f"warning: --storage holds a password, which `ps` shows to every user of "
+                   f"this machine for as long as the worker runs; put the URL in "
+                   f"{STORAGE_ENV}, or in a file that {STORAGE_FILE_ENV} names, instead",
+                   err=True)
     stop = StopFlag()
     stop.install()
     try:
@@ -161,7 +185,7 @@ def worker(
     except GemmaSearchError as exc:
         if not is_config_error(exc):
             raise  # one line and exit code 1 (`_user_errors`): `launch` restarts the worker
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_printable(str(exc))}", err=True)
         raise typer.Exit(CONFIG_ERROR_EXIT) from None
     why = "stopped by signal, running trial re-queued" if stop.requested else "budget spent"
     typer.echo(f"worker {index}: ran {ran} trial{'' if ran == 1 else 's'}; {why}")
@@ -505,10 +529,7 @@ def demo(
 def _launch_command(study: str, url: str) -> str:
     """`gemma-search launch STUDY` in backticks, with `--storage` when `launch` would not find
     `url` by itself ($GEMMA_SEARCH_STORAGE, its file, or the default). Never the password."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from gemma_search.storage import redact, resolve_storage_url
+    from gemma_search.storage import has_password, redact, resolve_storage_url
 
     try:
         found = resolve_storage_url(None)
@@ -517,11 +538,7 @@ def _launch_command(study: str, url: str) -> str:
     if found == url:
         return f"`gemma-search launch {study}`"
     command = f"`gemma-search launch {study} --storage {redact(url)}`"
-    try:
-        secret = make_url(url).password is not None
-    except ArgumentError:
-        secret = False
-    if secret:
+    if has_password(url):  # in the user-info or the query (?password=)
         command += (" with the password in place of *** (better: export GEMMA_SEARCH_STORAGE "
                     "and leave out --storage)")
     return command

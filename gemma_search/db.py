@@ -53,7 +53,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
 from gemma_search.errors import StorageError, first_line
-from gemma_search.storage import begin_immediate, redact, retry_connects
+from gemma_search.storage import begin_immediate, redact, redact_text, retry_connects
 
 __all__ = [
     "MIGRATIONS",
@@ -250,7 +250,7 @@ class EvalRecord(TypedDict):
 def _parse_url(url: str) -> URL:
     try:
         return make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StorageError(f"storage URL {redact(url)} is not a SQLAlchemy URL; use "
                            "sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB") from None
 
@@ -304,12 +304,11 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 def _storage_error(exc: SQLAlchemyError, engine: Engine) -> StorageError:
     """One line: what failed, where, the driver's first line, and what to do."""
-    shown = engine.url.render_as_string(hide_password=True)  # what storage.redact prints
+    url = engine.url.render_as_string(hide_password=False)
+    shown = redact(url)  # the password, also one in the query (?password=), masked
     orig = getattr(exc, "orig", None)
-    reason = first_line(orig if orig is not None else exc)
-    password = engine.url.password
-    if password:
-        reason = reason.replace(str(password), "***")  # driver messages may quote the URL
+    # Driver messages may quote the URL or its parts.
+    reason = redact_text(first_line(orig if orig is not None else exc), url)
     low = reason.lower()
     pgcode = getattr(orig, "pgcode", None)
     if pgcode == "42P01" or "no such table" in low:  # 42P01: undefined_table
@@ -448,10 +447,7 @@ def upgrade_all(url: str) -> tuple[str, str]:
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                              skip_compatibility_check=True)
     except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:
-        reason = first_line(exc)
-        password = parsed.password
-        if password:
-            reason = reason.replace(str(password), "***")
+        reason = redact_text(first_line(exc), url)
         raise StorageError(f"cannot connect to storage {shown}: {reason}; check the URL, that "
                            "the server is running and the credentials") from None
     # Optuna's env.py calls logging.config.fileConfig(its alembic.ini) when the root logger
@@ -493,7 +489,7 @@ def _insert_spec(engine: Engine, study_name: str, spec_text: str, spec_hash: str
             session.add(GsStudy(study_name=study_name, spec_text=spec_text,
                                 spec_hash=spec_hash, created_at=_now(session)))
         elif row.spec_hash != spec_hash:
-            shown = engine.url.render_as_string(hide_password=True)
+            shown = redact(engine.url.render_as_string(hide_password=False))
             raise StorageError(f"study {study_name!r} already exists in {shown} with a "
                                "different spec; change `name` in the spec (or --set name=NEW)")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma_search.baselines import BASELINES_ATTR, compare_to_baselines
-from gemma_search.errors import StorageError
+from gemma_search.errors import GemmaSearchError, StorageError
 from gemma_search.hf_config import (
     data_description,
     early_stopping_kwargs,
@@ -35,7 +35,14 @@ from gemma_search.hf_config import (
 )
 from gemma_search.ranking import ranked_trials
 from gemma_search.space import fixed_search, trial_config
-from gemma_search.spec import StudySpec, WarmStartSpec, dump_spec, spec_hash
+from gemma_search.spec import (
+    MAX_NAME_CHARS,
+    StudySpec,
+    WarmStartSpec,
+    dump_spec,
+    spec_hash,
+    without_secrets,
+)
 from gemma_search.storage import redact
 from gemma_search.study import load_study
 from gemma_search.train.config import TrialConfig
@@ -73,13 +80,15 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
                            "verify` to re-check the top trials on new seeds"}
     cfg = trial_config(optuna.trial.FixedTrial(best.params), spec)
     # Everything fixed: nothing left to warm-start.
-    best_spec = dataclasses.replace(spec, name=f"{spec.name}-best",
+    # Without the storage password: a shared file (the study's spec has none, unless an
+    # earlier gemma-search stored it).
+    best_spec = dataclasses.replace(without_secrets(spec), name=_best_name(spec.name),
                                     search=fixed_search(spec, cfg), warm_start=WarmStartSpec())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {key: out / key for key in ("best_config.yaml", "training_args.json",
-                                        "lora_config.json", "provenance.json",
-                                        "leaderboard.csv")}
+    paths = {key: _inside(out, key) for key in ("best_config.yaml", "training_args.json",
+                                                "lora_config.json", "provenance.json",
+                                                "leaderboard.csv")}
     header = (f"# Best trial {best.number} of study {spec.name!r}: {spec.objective.metric} = "
               f"{best.value:.6g}\n# Re-run it: gemma-search create best_config.yaml && "
               "gemma-search launch " + best_spec.name + "\n")
@@ -140,21 +149,38 @@ def _write_reproduction(out: Path, spec: StudySpec, cfg: TrialConfig, trial: Any
     from importlib import resources
 
     schedule = trial.user_attrs.get("schedule")
-    written = {"data.json": out / "data.json", "reproduce.py": out / "reproduce.py"}
+    written = {name: _inside(out, name) for name in ("data.json", "reproduce.py")}
     _write_json(written["data.json"], data_description(spec, cfg, schedule,
                                                        trial.user_attrs.get("engine")))
     stopping = early_stopping_kwargs(cfg)
-    (out / "early_stopping.json").unlink(missing_ok=True)  # a re-export of another trial
+    _inside(out, "early_stopping.json").unlink(missing_ok=True)  # a re-export of another trial
     if stopping is not None:
-        written["early_stopping.json"] = out / "early_stopping.json"
+        written["early_stopping.json"] = _inside(out, "early_stopping.json")
         _write_json(written["early_stopping.json"], stopping)
-    (out / "sft_config.json").unlink(missing_ok=True)
+    _inside(out, "sft_config.json").unlink(missing_ok=True)
     if cfg.task == "causal_lm":
-        written["sft_config.json"] = out / "sft_config.json"
+        written["sft_config.json"] = _inside(out, "sft_config.json")
         _write_json(written["sft_config.json"], sft_config_kwargs(spec, cfg, hf_args))
     script = resources.files("gemma_search").joinpath("reproduce.py").read_text()
     written["reproduce.py"].write_text(script)
     return written
+
+
+def _best_name(name: str) -> str:
+    """The name of the best config's study: NAME-best, cut to the spec's name limit."""
+    suffix = "-best"
+    return name[:MAX_NAME_CHARS - len(suffix)] + suffix
+
+
+def _inside(root: Path, name: str) -> Path:
+    """`root / name`, refused if it resolves outside `root`: a symlink left in the export
+    folder would otherwise have the export overwrite whatever it points at."""
+    path = root / name
+    real, top = path.resolve(), root.resolve()
+    if not real.is_relative_to(top):
+        raise GemmaSearchError(f"{path} links to {real}, outside the export folder {top}; "
+                               "remove the link or export into another folder")
+    return path
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -11,16 +11,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from gemma_search.errors import GemmaSearchError, first_line
+from gemma_search.errors import GemmaSearchError, SpecError, first_line
 from gemma_search.space import trial_config
 from gemma_search.spec import StudySpec
-from gemma_search.train.checkpoint import Checkpointing
+from gemma_search.train.checkpoint import Checkpointing, CheckpointRefused, check_checkpoint
 from gemma_search.train.data import TaskData
 from gemma_search.train.engine import OutOfMemory, train_trial
 from gemma_search.train.model import BaseModel
 from gemma_search.verify import VERIFY_SEED
 
-__all__ = ["Objective", "OptunaReporter", "TrialPreempted", "WorkerStatus", "checkpoint_dir"]
+__all__ = ["Objective", "OptunaReporter", "TrialPreempted", "WorkerStatus", "checkpoint_dir",
+           "study_checkpoint_dir"]
 
 log = logging.getLogger("gemma_search.objective")
 
@@ -73,8 +74,30 @@ class OptunaReporter:
 
 
 def checkpoint_dir(spec: StudySpec, trial_number: int) -> Path:
-    """The folder of one trial's checkpoints."""
-    return Path(spec.checkpoints.dir) / spec.name / f"trial-{trial_number:06d}"
+    """The folder of one trial's checkpoints: checkpoints.dir/NAME/trial-NNNNNN.
+
+    Refused if it resolves (symlinks followed) outside checkpoints.dir/NAME: the spec's name
+    rule keeps `..` and `/` out of NAME, and this keeps a symlink planted in the folder from
+    sending the writes elsewhere.
+    """
+    root = study_checkpoint_dir(spec)
+    path = root / f"trial-{trial_number:06d}"
+    if not path.resolve().is_relative_to(root):
+        raise SpecError(f"the checkpoints of trial {trial_number} would go to "
+                        f"{path.resolve()}, outside {root}; remove the link at {path} or "
+                        "change checkpoints.dir")
+    return path
+
+
+def study_checkpoint_dir(spec: StudySpec) -> Path:
+    """checkpoints.dir/NAME, resolved: every checkpoint of the study lies inside it."""
+    top = Path(spec.checkpoints.dir).resolve()
+    root = (top / spec.name).resolve()
+    if root.parent != top:
+        raise SpecError(f"the checkpoint folder of study {spec.name!r} resolves to {root}, "
+                        f"not a folder of checkpoints.dir {top}; remove the link or change "
+                        "checkpoints.dir")
+    return root
 
 
 class Objective:
@@ -188,7 +211,10 @@ class Objective:
         return result.value
 
     def _predecessor_checkpoint(self, trial: Any) -> Path | None:
-        """The latest checkpoint of the trials this one retries (Optuna's retry_history)."""
+        """The latest checkpoint of the trials this one retries (Optuna's retry_history),
+        if it passes `check_checkpoint`: inside this study's checkpoint folder, and holding
+        tensors and plain values only. A refused one is said in the log and in the trial's
+        `resume_refused` attribute, and the trial starts from step 0."""
         from gemma_search import db
 
         frozen = next(t for t in trial.study.get_trials(deepcopy=False)
@@ -199,11 +225,14 @@ class Objective:
         latest = db.latest_checkpoint(self.engine, self.spec.name, list(history))
         if latest is None:
             return None  # died before its first checkpoint: a fresh start is all there is
-        path = Path(latest["path"])
-        if not (path / "trainer.pt").is_file():
-            # Recorded on another machine's local disk: checkpoints.dir should be shared.
-            log.warning("trial %s: checkpoint %s of trial %s is not readable here; starting "
-                        "from step 0", trial.number, path, latest["trial_number"])
+        # The path comes from the database, which anyone with its password can write.
+        try:
+            path = check_checkpoint(Path(latest["path"]), study_checkpoint_dir(self.spec))
+        except CheckpointRefused as exc:
+            why = (f"checkpoint of trial {latest['trial_number']} not resumed: "
+                   f"{first_line(exc)}; starting from step 0")
+            log.warning("trial %s: %s", trial.number, why)
+            trial.set_user_attr("resume_refused", why[:500])
             return None
         trial.set_user_attr("resumed_from_trial", latest["trial_number"])
         return path

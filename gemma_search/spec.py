@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from gemma_search.errors import SpecError
+from gemma_search.errors import SpecError, first_line
 from gemma_search.train.data import MAX_LINE_BYTES
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "fit_to_search",
     "find_spec",
     "shipped_studies",
+    "without_secrets",
 ]
 
 TaskType = Literal["causal_lm", "classification", "regression"]
@@ -127,11 +129,11 @@ class SearchSpec:
 
     learning_rate: SearchValue = _param(float, FloatRange(1e-5, 5e-4, log=True),
                                         "peak learning rate", gt=0)
-    micro_batch_size: SearchValue = _param(int, 4, "examples per forward pass", ge=1)
+    micro_batch_size: SearchValue = _param(int, 4, "examples per forward pass", ge=1, le=4096)
     gradient_accumulation_steps: SearchValue = _param(int, 4, "micro-batches per optimizer step",
-                                                      ge=1)
+                                                      ge=1, le=4096)
     epochs: SearchValue = _param(float, 1, "passes over the (fractioned) training set", gt=0,
-                                 whole_as_int=True)
+                                 le=1000, whole_as_int=True)
     optimizer: SearchValue = _param(str, "adamw", "optimizer name", one_of=OPTIMIZERS)
     momentum: SearchValue = _param(float, 0.9, "momentum (sgd, rmsprop only)", ge=0, le=0.999)
     adam_beta2: SearchValue = _param(float, 0.999, "second-moment decay (adamw, adam, adabelief)",
@@ -142,13 +144,13 @@ class SearchSpec:
     weight_decay: SearchValue = _param(float, 0.0, "L2 / decoupled weight decay", ge=0, le=1)
     l1_penalty: SearchValue = _param(float, 0.0, "L1 penalty on adapter weights", ge=0)
     lora_dropout: SearchValue = _param(float, 0.05, "dropout on the LoRA input", ge=0, le=0.9)
-    lora_r: SearchValue = _param(int, 16, "LoRA rank", ge=1)
-    lora_alpha: SearchValue = _param(int, 16, "LoRA alpha (scale = alpha / r)", ge=1)
+    lora_r: SearchValue = _param(int, 16, "LoRA rank", ge=1, le=4096)
+    lora_alpha: SearchValue = _param(int, 16, "LoRA alpha (scale = alpha / r)", ge=1, le=65536)
     lora_targets: SearchValue = _param(str, "all_linear",
                                        "name of a module set in model.lora_target_modules")
     early_stopping_patience: SearchValue = _param(int, 0,
                                                   "evaluations without improvement before "
-                                                  "stopping (0: off)", ge=0)
+                                                  "stopping (0: off)", ge=0, le=10**6)
     train_fraction: SearchValue = _param(float, 1.0, "fraction of the training set used", gt=0,
                                          le=1)
     max_grad_norm: SearchValue = _param(float, 1.0, "gradient clipping norm (0: off)", ge=0)
@@ -157,7 +159,8 @@ class SearchSpec:
     token_dropout: SearchValue = _param(float, 0.0,
                                         "probability of replacing an input token by <unk>",
                                         ge=0, le=0.5)
-    seed: SearchValue = _param(int, 0, "training seed (adapter init, data order)", ge=0)
+    seed: SearchValue = _param(int, 0, "training seed (adapter init, data order)", ge=0,
+                               le=2**32 - 1)  # numpy's limit
 
 
 # --------------------------------------------------------------------------- sections
@@ -363,6 +366,8 @@ class StudySpec:
     """One search, validated."""
 
     name: str
+    """Study name: letters, digits, `.`, `_`, `-`, at most 128 characters, not starting with
+    `.`. It names the study's folder under `checkpoints.dir`."""
     model: ModelSpec
     task: TaskSpec
     data: DataSpec
@@ -424,13 +429,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     base = path.resolve().parent
     if base == _shipped_folder().resolve():
         base = Path.cwd()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"spec file {path} is not valid YAML{where}: "
-                        f"{getattr(exc, 'problem', exc)}") from None
+    raw = _load_yaml(_read_spec_file(path), f"spec file {path}")
     if not isinstance(raw, dict):
         raise SpecError(f"spec file {path} must hold a mapping of sections (name, model, task, "
                         f"data, ...), not {type(raw).__name__}")
@@ -445,8 +444,12 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 
 
 def spec_from_text(text: str) -> StudySpec:
-    """Validate a spec from YAML text (as stored with a study); paths must be absolute."""
-    return spec_from_dict(yaml.safe_load(text))
+    """Validate a spec from YAML text (as stored with a study); paths must be absolute.
+
+    The text is read as a spec file is (size, characters, no YAML aliases): whoever can
+    write to the study database must not be able to stall or crash the workers that read it.
+    """
+    return spec_from_dict(_load_yaml(_check_text(text, "the stored spec"), "the stored spec"))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -464,7 +467,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             if not isinstance(child, dict):
                 raise SpecError(f"--set {key}: {part} holds a value, not a section")
             node = child
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _load_yaml(text, f"--set {key}") if text.strip() else None
         if tuple(parts) in _PATH_KEYS and isinstance(value, str):
             value = _resolve_one(value, Path.cwd(), only_existing=parts[0] == "model")
         node[parts[-1]] = value
@@ -490,12 +493,144 @@ def dump_spec(spec: StudySpec) -> str:
     return yaml.safe_dump(_to_plain(spec), sort_keys=False, default_flow_style=False)
 
 
+def without_secrets(spec: StudySpec) -> StudySpec:
+    """`spec` as it may be stored or exported: `storage.url` without its password.
+
+    That URL is only `create`'s default storage. A stored spec is read by whoever reads the
+    database, and `best_config.yaml` is a file to share; libpq finds the password left out
+    in `PGPASSWORD` or `~/.pgpass`, as `gemma-search` finds a whole URL in
+    `GEMMA_SEARCH_STORAGE`.
+    """
+    from gemma_search.storage import has_password, without_password
+
+    url = spec.storage.url
+    if not has_password(url):
+        return spec
+    return dataclasses.replace(spec, storage=dataclasses.replace(
+        spec.storage, url=without_password(url)))
+
+
 def spec_hash(spec: StudySpec) -> str:
     """sha256 of the canonical YAML dump: equal specs, equal hashes."""
     return hashlib.sha256(dump_spec(spec).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- internals
+
+
+#: Largest spec file read: the shipped ones are about 3 KiB. A spec is refused before
+#: it is parsed, so a huge file costs one `stat`.
+MAX_SPEC_BYTES = 2**20
+#: Deepest nesting of YAML collections read: a spec nests 4 levels (warm_start.configs).
+MAX_YAML_DEPTH = 16
+#: Longest study name. A verification companion (`NAME.verify`, gemma_search.verify) adds
+#: its suffix to that; both stay far below the file system's 255 bytes per folder name.
+MAX_NAME_CHARS = 128
+_COMPANION_SUFFIX = ".verify"
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+#: Characters a spec file may not hold: controls other than tab and line ends.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+class _Refused(yaml.YAMLError):
+    """What `_SpecLoader` refuses, with where, as PyYAML's own errors say it."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors or aliases, and with a nesting limit.
+
+    An alias (`*a`) stands for a whole node written elsewhere: nine lines of aliases of
+    aliases stand for a billion strings (the "billion laughs" bomb; 342 bytes were enough
+    for a MemoryError after two minutes here), which any walk over the result expands. A
+    spec has no use for them, so the first anchor or alias ends the read, before anything
+    is built. Deep nesting would exhaust the composer's recursion instead.
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(f"the alias *{event.anchor} is not allowed in a spec; write the "
+                           "value out in full", event.start_mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(f"the anchor &{event.anchor} is not allowed in a spec; write the "
+                           "value out in full wherever it is used", event.start_mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _Refused(f"it nests deeper than {MAX_YAML_DEPTH} levels",
+                               event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """Parse spec YAML with `_SpecLoader`; any problem is a one-line SpecError."""
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader, see above
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        if isinstance(exc, _Refused):
+            raise SpecError(f"{source}{where}: {exc.problem}") from None
+        problem = getattr(exc, "problem", None) or first_line(exc)
+        raise SpecError(f"{source} is not valid YAML{where}: {problem}") from None
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # A date such as 2024-13-45, or an integer of more than 4300 digits (the rest of
+        # Python's message is about its own setting, not about the spec).
+        reason = first_line(exc).split(";")[0].split(" for integer string")[0]
+        raise SpecError(f"{source} holds a value YAML cannot read ({reason}); correct "
+                        "it") from None
+
+
+def _read_spec_file(path: Path) -> str:
+    """The text of a spec file: at most MAX_SPEC_BYTES, UTF-8, no control characters."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"spec file {path} cannot be read ({exc.strerror}); check its "
+                        "permissions") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file {path} is larger than {MAX_SPEC_BYTES} bytes (1 MiB); a "
+                        "spec is a short YAML file: is this the right file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SpecError(f"spec file {path} is not UTF-8 text: byte 0x{data[exc.start]:02x} "
+                        f"at line {line}; save it as UTF-8") from None
+    return _check_text(text, f"spec file {path}")
+
+
+def _check_text(text: str, source: str) -> str:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError(f"{source} is larger than {MAX_SPEC_BYTES} bytes (1 MiB)")
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise SpecError(f"{source} holds the control character U+{ord(bad.group()):04X} at "
+                        f"line {line}; a spec is plain text (a binary file?)")
+    return text
+
+
+def _check_name(name: str, where: str) -> None:
+    """Study names are identifiers: they name a folder under checkpoints.dir and are
+    printed in messages, so `../x`, `/abs`, `..` and escape sequences are refused."""
+    core = name.removesuffix(_COMPANION_SUFFIX)  # a companion may exceed the limit by it
+    if _NAME.fullmatch(name) and 0 < len(core) <= MAX_NAME_CHARS:
+        return
+    shown = name if len(name) <= 60 else f"{name[:40]}... ({len(name)} characters)"
+    raise SpecError(f"{where} is {shown!r} but must be letters, digits, '.', '_' or '-', at "
+                    f"most {MAX_NAME_CHARS} characters, not starting with '.'; e.g. "
+                    "sst2-gemma2-9b")
 
 
 def _shipped_folder() -> Path:
@@ -702,6 +837,9 @@ def _values(value: SearchValue) -> tuple[Any, ...]:
 def _check_rules(spec: StudySpec) -> None:
     """Rules that span keys or sections."""
     task, data, budget, search = spec.task, spec.data, spec.budget, spec.search
+    _check_name(spec.name, "name")
+    if spec.warm_start.from_study is not None:
+        _check_name(spec.warm_start.from_study, "warm_start.from_study")
     if (task.type in ("classification", "regression") and task.text_column is None
             and task.prompt_template is None):
         raise SpecError(f"task.text_column is missing; a {task.type} task needs "
@@ -764,7 +902,47 @@ def _check_rules(spec: StudySpec) -> None:
     if task.type != "classification" and any(v > 0 for v in _values(search.label_smoothing)):
         raise SpecError(f"search.label_smoothing applies to classification only; remove it "
                         f"from this {task.type} spec")
+    _check_sizes(spec)
     _check_warm_start(spec)
+
+
+#: The largest value of each count a spec sets (and the smallest, where no other rule says).
+#: Far above any real study, low enough that a typo or a hostile spec (`max_trials: 1e20`)
+#: is refused at `create`, not met later as an overflowing sleep, tensor or budget.
+_SIZES: dict[tuple[str, str], tuple[float, float]] = {
+    # Workers also check it against the model's own context (max_position_embeddings).
+    ("data", "max_seq_len"): (2, 2**20),
+    ("data", "max_train_examples"): (2, 10**12),
+    ("data", "max_validation_examples"): (2, 10**12),
+    ("data", "max_line_bytes"): (1, 2**30),
+    ("data", "seed"): (0, 2**32 - 1),  # numpy's limit
+    ("budget", "max_trials"): (1, 10**6),
+    ("budget", "max_tokens_per_trial"): (1, 10**13),
+    ("budget", "eval_every_tokens"): (1, 10**13),
+    ("budget", "eval_every_steps"): (1, 10**9),
+    ("budget", "max_gpu_hours"): (0, 10**7),
+    ("storage", "heartbeat_interval"): (1, 86400),
+    ("storage", "grace_period"): (2, 7 * 86400),
+    ("storage", "max_retries"): (0, 100),
+    ("storage", "reconnect_seconds"): (0, 7 * 86400),
+    ("checkpoints", "every_steps"): (1, 10**9),
+    ("checkpoints", "keep_last"): (1, 1000),
+    ("sampler", "seed"): (0, 2**31 - 1),  # + the worker index, below numpy's 2**32
+    ("sampler", "n_startup_trials"): (0, 10**6),
+    ("pruner", "min_resource"): (1, 10**6),
+    ("pruner", "reduction_factor"): (2, 1000),
+    ("pruner", "n_startup_trials"): (0, 10**6),
+    ("pruner", "n_warmup_steps"): (0, 10**6),
+    ("warm_start", "from_study_top"): (1, 1000),
+}
+
+
+def _check_sizes(spec: StudySpec) -> None:
+    for (section, key), (low, high) in _SIZES.items():
+        value = getattr(getattr(spec, section), key)
+        if value is not None and not low <= value <= high:
+            raise SpecError(f"{section}.{key} is {value} but must be between {low} and "
+                            f"{high}")
 
 
 def _check_data_layout(data: DataSpec) -> None:

@@ -12,9 +12,11 @@ import itertools
 import logging
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus, unquote
 
 from gemma_search.errors import StorageError, first_line
 
@@ -22,15 +24,19 @@ __all__ = [
     "DEFAULT_STORAGE",
     "STORAGE_ENV",
     "STORAGE_FILE_ENV",
+    "MASK",
+    "SECRET_PARAMS",
     "StudyLock",
     "backoff",
     "begin_immediate",
+    "has_password",
     "is_transient",
     "retry_connects",
     "open_storage",
     "redact",
     "redact_text",
     "resolve_storage_url",
+    "without_password",
 ]
 
 log = logging.getLogger("gemma_search.storage")
@@ -66,26 +72,105 @@ def resolve_storage_url(flag: str | None, spec_url: str | None = None) -> str:
     return spec_url or DEFAULT_STORAGE
 
 
-def redact(url: str) -> str:
-    """The URL with its password replaced by ***: the only form that may be printed."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+#: Query parameters libpq reads as a secret, or as where one is kept: psycopg2 hands the
+#: query of a URL to libpq, so `?password=...` logs in exactly as `user:PASSWORD@` does.
+SECRET_PARAMS = ("password", "sslpassword", "passfile")
+MASK = "***"
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparsable storage URL>"
+
+def redact(url: str) -> str:
+    """The URL with every secret replaced by ***: the only form that may be printed.
+
+    Secrets are the user-info password (`user:PASSWORD@host`) and the query parameters in
+    `SECRET_PARAMS`. A URL that does not parse (`host:notaport`) is masked whole after its
+    scheme: which of its parts is the password cannot be told.
+    """
+    parsed = _parse(url)
+    if parsed is None:
+        scheme, sep, _ = url.partition("://")
+        return f"{scheme}://{MASK}" if sep and _SCHEME.fullmatch(scheme) else MASK
+    query = {key: MASK if key.lower() in SECRET_PARAMS else value
+             for key, value in parsed.query.items()}
+    shown = parsed.set(query=query).render_as_string(hide_password=True)
+    return shown.replace(quote(MASK, safe=""), MASK)  # the query's *** comes back escaped
 
 
 def redact_text(text: str, url: str) -> str:
-    """`text` (a driver's message, say) with the password of `url` replaced by ***."""
+    """`text` (a driver's message, say) with every secret of `url` replaced by ***."""
+    return _scrub(text, *_secrets(url))
+
+
+def has_password(url: str) -> bool:
+    """Whether `url` holds a password, in its user-info or its query."""
+    parsed = _parse(url)
+    if parsed is None:
+        return any(pattern.search(url) for pattern in _LOOSE_SECRETS)
+    return bool(parsed.password) or any(key.lower() in _PASSWORDS for key in parsed.query)
+
+
+def without_password(url: str) -> str:
+    """`url` with its passwords left out, not masked: what may be stored or exported.
+
+    libpq then looks for the password where it looks for one of a URL that has none
+    (`PGPASSWORD`, `~/.pgpass`, a `passfile` the query names, which is kept), so the URL
+    still connects where those are set. An unparsable URL has no part that is safe to
+    keep: `redact`'s mask stands in for it.
+    """
+    parsed = _parse(url)
+    if parsed is None:
+        return redact(url)
+    query = {key: value for key, value in parsed.query.items()
+             if key.lower() not in _PASSWORDS}
+    # `URL.set` skips None ("leave as is"): replace the field itself.
+    return parsed._replace(password=None).set(query=query).render_as_string(
+        hide_password=False)
+
+
+#: A URL scheme (`postgresql+psycopg2`): kept when the rest of an unparsable URL is masked.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,40}")
+#: Where an unparsable URL's secrets may sit: `scheme://user:SECRET@`, `password=SECRET`.
+_LOOSE_SECRETS = (re.compile(r"://[^/@:]*:(.+)@"),
+                  re.compile(rf"(?i)\b(?:{'|'.join(SECRET_PARAMS)})=([^&#\s]+)"))
+#: The query parameters that hold a password itself (`passfile` names a file).
+_PASSWORDS = ("password", "sslpassword")
+
+
+def _parse(url: str) -> Any:
+    """`make_url(url)`, or None where it does not parse (a bad port raises ValueError).
+
+    A host with an `@` in it is a password with an unescaped `@` (`user:pa@ss@host`): the
+    parser cut the password short, so the URL counts as unparsable and is masked whole.
+    """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return _scrub(text, make_url(url).password)
-    except ArgumentError:
-        return text
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        return None
+    return None if "@" in (parsed.host or "") else parsed
+
+
+def _secrets(url: str) -> list[str]:
+    """Every secret `url` holds, as written and as decoded; the whole URL if it does not
+    parse, and whatever looks like a password in it."""
+    parsed = _parse(url)
+    if parsed is None:
+        found = [url, url.partition("://")[2]]
+        for pattern in _LOOSE_SECRETS:
+            for match in pattern.findall(url):
+                # `user:pa@ss@host`: the driver takes `pa` as the password, `ss@host` as
+                # the host, and may quote either.
+                found += [match, *match.split("@")]
+    else:
+        found = [parsed.password] if parsed.password else []
+        for key, value in parsed.query.items():
+            if key.lower() in SECRET_PARAMS:
+                found += [value] if isinstance(value, str) else list(value)
+    # A driver may quote the URL as written (percent-escaped) or the value it decoded.
+    return [form for secret in found if secret
+            for form in {str(secret), quote(str(secret), safe=""), quote_plus(str(secret)),
+                         unquote(str(secret))}]
 
 
 def open_storage(url: str, *, must_exist: bool = False,
@@ -108,7 +193,7 @@ def open_storage(url: str, *, must_exist: bool = False,
     shown = redact(url)
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StorageError(f"storage URL {shown} is not a SQLAlchemy URL; use "
                            "sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB") from None
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -151,7 +236,7 @@ def open_storage(url: str, *, must_exist: bool = False,
                      optuna.exceptions.OptunaError)
             if not isinstance(exc, known):
                 raise
-            reason = _scrub(first_line(exc.__cause__ or exc), parsed.password)
+            reason = redact_text(first_line(exc.__cause__ or exc), url)
             raise StorageError(f"cannot connect to storage {shown}: {reason}; check the URL, "
                                "that the server is running and the credentials") from None
     if connect_patience > 0:
@@ -239,10 +324,12 @@ def backoff(attempt: int) -> float:
     return min(5.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.0)
 
 
-def _scrub(text: str, password: Any) -> str:
-    """Driver messages may quote the URL: never let the password through."""
-    secret = str(password) if password else ""
-    return text.replace(secret, "***") if secret else text
+def _scrub(text: str, *secrets: Any) -> str:
+    """Driver messages may quote the URL: never let a password through. Longest first, so
+    that a secret containing another is masked whole."""
+    for secret in sorted({str(s) for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
 
 
 class StudyLock:

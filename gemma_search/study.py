@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gemma_search.errors import StorageError, StudyNotFoundError
-from gemma_search.spec import StudySpec, dump_spec, spec_from_text, spec_hash
+from gemma_search.spec import StudySpec, dump_spec, spec_from_text, spec_hash, without_secrets
 from gemma_search.storage import open_storage, redact
 from gemma_search.warm_start import enqueue_warm_start, warm_start_configs
 
@@ -45,7 +45,8 @@ def create_study(spec: StudySpec, url: str,
     """Create the study for `spec` in `url`; an identical existing study is reused.
 
     Brings both schemas up to date first (Optuna's and ours), so `create` is all a new
-    database needs.
+    database needs. The spec is stored without the password of its storage URL
+    (`spec.without_secrets`): a spec that differs only in that password is the same spec.
     """
     import optuna
 
@@ -55,12 +56,14 @@ def create_study(spec: StudySpec, url: str,
     storage = open_storage(url)  # a clear error if the server cannot be reached
     db.upgrade_all(url)
     engine = db.make_engine(url)
+    spec = without_secrets(spec)
     text, digest = dump_spec(spec), spec_hash(spec)
     stored = db.load_study_spec(engine, spec.name)
     if stored is not None and stored[1] != digest:
         # An earlier version may have dumped the same spec differently (`epochs: 2.0`,
-        # `packing: true` for classification): what counts is the spec the text loads to.
-        if spec_hash(spec_from_text(stored[0])) != digest:
+        # `packing: true` for classification, a storage URL with its password): what counts
+        # is the spec the text loads to.
+        if spec_hash(without_secrets(spec_from_text(stored[0]))) != digest:
             raise StorageError(f"study {spec.name!r} already exists in {redact(url)} with a "
                                "different spec; change `name` in the spec (or --set "
                                "name=NEW)")

@@ -16,7 +16,7 @@ import time
 import warnings
 from typing import Any
 
-from gemma_search.errors import GemmaSearchError, first_line
+from gemma_search.errors import GemmaSearchError, SpecError, first_line
 from gemma_search.spec import StorageSpec, StudySpec
 from gemma_search.storage import StudyLock, backoff, is_transient
 from gemma_search.study import budget_used, gpu_hours_used, load_study, split_args
@@ -48,6 +48,13 @@ def load_resources(spec: StudySpec) -> tuple[Any, Any]:
                            task=task.type, num_labels=num_labels, dtype=spec.model.dtype,
                            attn_implementation=spec.model.attn_implementation, device=device,
                            quantization=spec.model.quantization)
+    # The spec's bound (data.max_seq_len <= 2**20) cannot know the model: check it here,
+    # before tokenizing, rather than fail in the first forward pass of every trial.
+    context = getattr(base.model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and data.max_seq_len > context:
+        raise SpecError(f"data.max_seq_len is {data.max_seq_len} but model "
+                        f"{spec.model.name_or_path} reads at most {context} tokens "
+                        "(max_position_embeddings); lower data.max_seq_len")
     task_data = load_task_data(tokenizer=base.tokenizer, max_seq_len=data.max_seq_len,
                                labels=task.labels, packing=data.packing, **split_args(spec))
     return base, task_data

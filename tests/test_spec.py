@@ -233,3 +233,50 @@ def test_a_spec_stored_by_an_earlier_version_loads_to_the_same_spec() -> None:
     assert "epochs: 2.0" in old and "packing: true" in old
     assert spec_from_text(old) == spec
     assert spec_hash(spec_from_text(old)) == spec_hash(spec)
+
+
+# --------------------------------------------------------------------------- untrusted input
+
+
+@pytest.mark.parametrize("name", ["sst2-gemma2-9b", "a", "A.b_c-9", "x" * 128, "x" * 128 +
+                                  ".verify", "_leading-underscore"])
+def test_names_that_are_identifiers(name: str) -> None:
+    assert spec_from_dict(raw_spec(name=name)).name == name
+
+
+@pytest.mark.parametrize("name", ["", "..", ".", ".verify", "../x", "a/b", "/abs", "x" * 129,
+                                  "a b", "a\x1b[31m", "naïve", "x" * 129 + ".verify"])
+def test_names_that_are_not(name: str) -> None:
+    message = error_of(raw_spec(name=name))
+    assert message.startswith("name is ") or "must be a non-empty string" in message
+    assert "\x1b" not in message and len(message) < 300
+
+
+def test_warm_start_from_study_is_a_name_too() -> None:
+    assert "warm_start.from_study is '../other'" in error_of(raw_spec(
+        warm_start={"from_study": "../other"}))
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("data", "max_seq_len", 2**20 + 1), ("budget", "max_trials", 10**6 + 1),
+    ("budget", "max_tokens_per_trial", 10**13 + 1), ("budget", "eval_every_tokens", 10**13 + 1),
+    ("storage", "max_retries", 101), ("storage", "reconnect_seconds", 10**9),
+    ("sampler", "seed", 2**31), ("sampler", "seed", -1), ("pruner", "n_warmup_steps", 10**7),
+    ("checkpoints", "every_steps", 10**10), ("warm_start", "from_study_top", 10**4),
+])
+def test_counts_have_bounds(section: str, key: str, value: int) -> None:
+    message = error_of(raw_spec(**{section: {key: value}}))
+    assert message.startswith(f"{section}.{key} is {value} but must be between ")
+
+
+def test_yaml_aliases_and_anchors_are_refused_everywhere(tmp_path: Path) -> None:
+    text = dump_spec(spec_from_dict(raw_spec()))
+    anchored = text.replace("name: t\n", "name: &n t\n")
+    with pytest.raises(SpecError, match="anchor &n is not allowed in a spec"):
+        spec_from_text(anchored)
+    path = tmp_path / "s.yaml"
+    path.write_text(anchored + "extra: *n\n")
+    with pytest.raises(SpecError, match=r"s\.yaml at line 1: the anchor &n"):
+        load_spec(path)
+    with pytest.raises(SpecError, match="--set search.lora_r at line 1: the anchor &a"):
+        apply_overrides({}, ["search.lora_r=[&a 1, *a]"])

@@ -260,6 +260,62 @@ def test_preempted_trial_resumes_where_it_stopped(tiny_model: Path, tmp_path: Pa
     assert resumed.value == pytest.approx(straight.value, rel=1e-4)
 
 
+def test_a_checkpoint_holds_tensors_and_plain_values_only(tiny_model: Path,
+                                                          tmp_path: Path) -> None:
+    """The trainer file loads with `weights_only=True` (nothing in it can run code), the
+    random streams come back exactly, and a resumed run repeats the evaluations of an
+    uninterrupted one bit for bit (regression: metrics computed with numpy)."""
+    import random
+
+    import numpy as np
+
+    from gemma_search.train.checkpoint import (
+        Checkpointing,
+        TrainState,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    base, data = load(tiny_model, tmp_path, "regression")
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, target_modules=("q_proj",))
+    try:
+        optimizer = build_optimizer(model.parameters(), name="adamw", lr=1e-3,
+                                    weight_decay=0.0, momentum=None, adam_beta2=0.999)
+        scheduler = build_scheduler(optimizer, schedule="cosine", warmup_steps=1,
+                                    total_steps=10)
+        np.random.seed(7)
+        np.random.standard_normal()  # a cached Gaussian is part of numpy's state
+        state = TrainState(step=3, best={"val_loss": np.float64(0.25)})
+        folder = save_checkpoint(Checkpointing(tmp_path / "trial-9"), model, optimizer,
+                                 scheduler, state)
+        saved = torch.load(folder / "trainer.pt", weights_only=True)
+        assert isinstance(saved["rng"]["numpy"]["keys"], list)
+        drawn = (random.random(), np.random.random(), np.random.standard_normal(),
+                 torch.rand(3).tolist())
+        restored = load_checkpoint(folder, model, optimizer, scheduler)
+        again = (random.random(), np.random.random(), np.random.standard_normal(),
+                 torch.rand(3).tolist())
+        assert again == drawn
+        assert restored.step == 3 and restored.best == {"val_loss": 0.25}
+    finally:
+        detach_lora(base, model)
+
+    cfg = make_config("regression", epochs=2.0, lora_dropout=0.1, token_dropout=0.1)
+    straight = train_trial(base, data, cfg, NullReporter())
+    calls: list[int] = []
+
+    def stop_after_13_steps() -> bool:
+        calls.append(1)
+        return len(calls) > 13
+
+    stopped = train_trial(base, data, cfg, NullReporter(), checkpointing=Checkpointing(
+        tmp_path / "trial-0"), stop_requested=stop_after_13_steps)
+    resumed = train_trial(base, data, cfg, NullReporter(), checkpointing=Checkpointing(
+        tmp_path / "trial-1", resume_from=stopped.checkpoint))
+    assert resumed.resumed_from_step == 13
+    assert resumed.history == straight.history
+
+
 def test_out_of_memory_halves_the_micro_batch(tiny_model: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import gemma_search.train.engine as engine

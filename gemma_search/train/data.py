@@ -213,7 +213,13 @@ def read_splits(
         validation = _read_checked(validation_path, "data.validation", "validation",
                                    **reading)
     else:
-        parts = train.train_test_split(test_size=validation_fraction, seed=seed)
+        try:
+            parts = train.train_test_split(test_size=validation_fraction, seed=seed)
+        except ValueError:  # datasets: "the resulting train set will be empty"
+            raise DataError(f"data.train file {train_path} has {len(train)} row(s): holding "
+                            f"out data.validation_fraction={validation_fraction} of them for "
+                            "validation leaves none to train on; add rows, lower "
+                            "data.validation_fraction or set data.validation") from None
         train, validation = parts["train"], parts["test"]
     train = train.shuffle(seed=seed)
     if max_train_examples is not None:
