@@ -242,6 +242,23 @@ def test_escape_sequences_in_a_spec_are_shown_escaped(tmp_path: Path, spec_file:
     assert not db.exists()
 
 
+def test_export_does_not_write_through_a_link_out_of_its_folder(
+        tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    from .conftest import finished_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    finished_study(url, "sec", tiny_model, demo_data, ((1e-3, 0.5),))
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "provenance.json").symlink_to(target)
+    code, output = run("export", "sec", "--storage", url, "--out", str(out))
+    one_line_error(code, output, f"{out / 'provenance.json'} links to {target}, outside the "
+                   "export folder")
+    assert target.read_text() == "keep me\n"
+
+
 # --------------------------------------------------------------------------- hostile specs
 
 #: 342 bytes that stand for 9**9 (387 million) strings once the aliases are expanded; the
