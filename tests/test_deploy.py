@@ -1,11 +1,11 @@
 """docker/: the image, compose, Kubernetes and SLURM files, checked with no Docker engine.
 
-What can be checked here is: every YAML parses; compose and Kubernetes references resolve;
-GPUs and worker indexes are wired as design decision 12 says; every `gemma-search` command
-these files and README.md run exists with the options they pass; the image installs
-the project as README.md does; no password is committed; and the two shell wrappers (the
-SLURM batch script, the Kubernetes worker) give the worker exactly one SIGTERM and exit as
-SLURM and the Job controller need.
+What can be checked here is: every YAML parses; compose references resolve (Kubernetes:
+tests/test_k8s.py); GPUs and worker indexes are wired as design decision 12 says; every
+`gemma-search` command these files and README.md run exists with the options they pass; the
+image installs the project as README.md does; no password is committed; and the two shell
+wrappers (the SLURM batch script, the Kubernetes worker) give the worker exactly one SIGTERM
+and exit as SLURM and the Job controller need.
 """
 
 from __future__ import annotations
@@ -334,94 +334,7 @@ def test_compose_publishes_on_loopback_only() -> None:
             assert host.startswith("127.0.0.1:"), f"{name} publishes {port}"
 
 
-# --- Kubernetes ------------------------------------------------------------------------------
-
-def test_k8s_workers_are_an_indexed_job_one_gpu_per_pod() -> None:
-    job = _k8s("Job", "gemma-search-workers")["spec"]
-    assert job["completionMode"] == "Indexed"
-    assert job["parallelism"] == job["completions"] >= 1
-    pod = job["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] >= GRACE_SECONDS
-    if "podFailurePolicy" in job:  # the API refuses it with any other restartPolicy
-        assert pod["restartPolicy"] == "Never"
-    from gemma_search.errors import CONFIG_ERROR_EXIT
-
-    # a configuration error fails the whole Job: every index would hit it
-    fail_job = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
-    assert [r["onExitCodes"]["values"] for r in fail_job] == [[CONFIG_ERROR_EXIT]]
-    (worker,) = [c for c in pod["containers"] if c["name"] == "worker"]
-    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == 1
-    argv = _argv(worker["command"][2].split("gemma-search ", 1)[1])
-    assert argv[0] == "worker"
-    assert argv[argv.index("--index") + 1] in ("$JOB_COMPLETION_INDEX", "$(JOB_COMPLETION_INDEX)")
-
-
-def test_k8s_references_resolve() -> None:
-    secrets = {d["metadata"]["name"] for d in yaml.safe_load_all(
-        (K8S / "secret.example.yaml").read_text()) if d}
-    claims = {d["metadata"]["name"]: d for d in yaml.safe_load_all(
-        (K8S / "pvc.yaml").read_text()) if d}
-    config_maps = {doc["metadata"]["name"] for _, doc in _k8s_docs() if doc["kind"] == "ConfigMap"}
-    for where, pod in _pod_specs():
-        volumes = {v["name"]: v for v in pod.get("volumes", [])}
-        for v in volumes.values():
-            if "secret" in v:
-                assert v["secret"]["secretName"] in secrets, where
-            if "persistentVolumeClaim" in v:
-                claim = claims[v["persistentVolumeClaim"]["claimName"]]
-                # pods on several nodes mount it at once
-                assert claim["spec"]["accessModes"] == ["ReadWriteMany"], where
-        for c in _containers(pod):
-            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
-            assert set(mounts.values()) <= set(volumes), where
-            env = {e["name"]: e for e in c.get("env", [])}
-            assert "GEMMA_SEARCH_STORAGE" not in env, where
-            path = env["GEMMA_SEARCH_STORAGE_FILE"]["value"]
-            mounted = [n for m, n in mounts.items() if path.startswith(m + "/")]
-            assert mounted and volumes[mounted[0]]["secret"]["secretName"] == (
-                "gemma-search-storage"), f"{where}:{c['name']}"
-            for e in env.values():
-                ref = e.get("valueFrom", {}).get("configMapKeyRef")
-                if ref:
-                    assert ref["name"] in config_maps, where
-
-
-def test_k8s_dashboard_is_cluster_internal() -> None:
-    service = _k8s("Service", "gemma-search-dashboard")["spec"]
-    assert service.get("type", "ClusterIP") == "ClusterIP"
-    deployment = _k8s("Deployment", "gemma-search-dashboard")
-    (dashboard,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert dashboard["args"][0] == "dashboard"
-    assert dashboard["args"][dashboard["args"].index("--port") + 1] == str(
-        dashboard["ports"][0]["containerPort"])
-
-
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml",
-                                                         "secret.example.yaml"}
-    assert set(kustomization["resources"]) == manifests
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kustomization_renders() -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True,
-                         timeout=30)
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    assert {d["kind"] for d in docs} >= {"Job", "Deployment", "Service",
-                                         "PersistentVolumeClaim", "ConfigMap"}
-    assert all(d["metadata"].get("namespace") == "gemma-search" for d in docs
-               if d["kind"] != "Namespace")
-
-
-def test_image_user_is_the_k8s_run_as_user() -> None:
-    found = re.search(r"useradd [^\n]*--uid (\d+)", (DOCKER / "Dockerfile").read_text())
-    assert found, "the Dockerfile creates no user with a fixed uid"
-    uid = int(found[1])
-    for where, pod in _pod_specs():
-        context = pod["securityContext"]
-        assert context["runAsUser"] == context["fsGroup"] == uid, where
+# --- Kubernetes: tests/test_k8s.py (the kustomize render, its schemas, run-time wiring)
 
 
 # --- the image -------------------------------------------------------------------------------
