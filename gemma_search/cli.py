@@ -526,6 +526,30 @@ def demo(
     console.print("exported: " + ", ".join(str(p) for p in paths.values()))
 
 
+@app.command()
+@_user_errors
+def doctor(
+    storage: StorageOpt = None,
+    study: Annotated[str | None, typer.Option(
+        help="Also check this study: its model (config, tokenizer) and, on a GPU, its memory "
+             "plan.", show_default=False)] = None,
+    require_gpu: Annotated[bool, typer.Option(
+        "--require-gpu", help="No CUDA is a failure (a GPU host, the image on one).")] = False,
+) -> None:
+    """Check this machine for workers: CUDA, cards, kernels, storage, model, memory plan."""
+    from gemma_search.doctor import default_storage, failures, render, run_checks, summary
+
+    checks = run_checks(storage_url=default_storage(storage), study=study,
+                        require_gpu=require_gpu)
+    typer.echo(render(checks))
+    typer.echo(summary(checks))
+    failed = failures(checks)
+    for line in failed:
+        typer.echo(f"error: {_printable(line)}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
 def _launch_command(study: str, url: str) -> str:
     """`gemma-search launch STUDY` in backticks, with `--storage` when `launch` would not find
     `url` by itself ($GEMMA_SEARCH_STORAGE, its file, or the default). Never the password."""

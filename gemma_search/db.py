@@ -1,10 +1,11 @@
 """gemma-search's own tables beside Optuna's: study specs, workers, checkpoints, eval metrics.
 
 They live in the study's storage database, with their own SQLAlchemy metadata and their own
-Alembic history under `alembic/` (DESIGN decision 5). Optuna stamps the default
-`alembic_version` table in the same database, so ours is `gemma_search_alembic_version`, and
-migrations only ever see tables named `gs_*` (`include_object`). `gemma-search db upgrade`
-runs `upgrade_all`: Optuna's schema first, then ours.
+Alembic history, shipped in the package as `gemma_search/migrations/` (DESIGN decision 5).
+Optuna stamps the default `alembic_version` table in the same database, so ours is
+`gemma_search_alembic_version`, and migrations only ever see tables named `gs_*`
+(`include_object`). `gemma-search db upgrade` runs `upgrade_all`: Optuna's schema first,
+then ours.
 
 Every read and write is one `session_scope`: it commits, rolls back, and turns a driver error
 into a one-line `StorageError` that names the likely cause.
@@ -94,8 +95,10 @@ __all__ = [
 TABLE_PREFIX = "gs_"
 #: Our Alembic version table: Optuna's is the default `alembic_version` in the same database.
 VERSION_TABLE = "gemma_search_alembic_version"
-#: The Alembic script directory: `env.py`, `script.py.mako`, `versions/`.
-MIGRATIONS = Path(__file__).resolve().parents[1] / "alembic"
+#: The Alembic script directory: `env.py`, `script.py.mako`, `versions/`. Package data, as
+#: Optuna ships its own (optuna/storages/_rdb/alembic): an installed wheel migrates a database
+#: from any folder, with no source checkout.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: A worker row's `state`; only "running" workers can be alive.
 WORKER_STATES = ("running", "exited", "failed")
 #: Optuna's `studies.study_name` length: our study names are Optuna's.
@@ -350,12 +353,13 @@ def include_object(obj: Any, name: str | None, type_: str, reflected: bool,
 
 
 def _alembic_config() -> Any:
-    """Alembic's Config, in code: the script folder of this checkout, no alembic.ini."""
+    """Alembic's Config, in code: the package's script folder, no alembic.ini."""
     from alembic.config import Config
 
     if not (MIGRATIONS / "env.py").is_file():
-        raise StorageError(f"the migrations folder {MIGRATIONS} is missing (no env.py); run "
-                           "gemma-search from its source checkout (pip install -e .)")
+        raise StorageError(f"the migrations folder {MIGRATIONS} is missing (no env.py): this "
+                           "gemma-search install is incomplete; reinstall it (pip install "
+                           "--force-reinstall gemma-search)")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("path_separator", "os")  # Alembic >= 1.16 warns without it
@@ -367,7 +371,7 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    assert head is not None, "alembic/versions has no revision"
+    assert head is not None, f"{MIGRATIONS / 'versions'} has no revision"
     return head
 
 

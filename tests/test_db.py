@@ -183,8 +183,8 @@ def test_unknown_revision_and_missing_migrations_folder_are_one_line_errors(
     with pytest.raises(StorageError, match="cannot migrate .* to 'nope'") as info:
         upgrade(url, "nope")
     assert "\n" not in str(info.value)
-    monkeypatch.setattr(db, "MIGRATIONS", tmp_path / "no-alembic")
-    with pytest.raises(StorageError, match="migrations folder .*no-alembic is missing"):
+    monkeypatch.setattr(db, "MIGRATIONS", tmp_path / "no-migrations")
+    with pytest.raises(StorageError, match="migrations folder .*no-migrations is missing"):
         upgrade(url)
 
 

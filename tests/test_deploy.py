@@ -1,9 +1,9 @@
-"""docker/: the image, compose, Kubernetes and SLURM files, checked with no Docker engine.
+"""docker/: the compose, Kubernetes and SLURM files, checked with no Docker engine.
 
 What can be checked here is: every YAML parses; compose references resolve (Kubernetes:
-tests/test_k8s.py); GPUs and worker indexes are wired as design decision 12 says; every
-`gemma-search` command these files and README.md run exists with the options they pass; the
-image installs the project as README.md does; no password is committed; and the two shell
+tests/test_k8s.py; the image and its build context: tests/test_image.py); GPUs and worker
+indexes are wired as design decision 12 says; every `gemma-search` command these files and
+README.md run exists with the options they pass; no password is committed; and the two shell
 wrappers (the SLURM batch script, the Kubernetes worker) give the worker exactly one SIGTERM
 and exit as SLURM and the Job controller need.
 """
@@ -334,42 +334,43 @@ def test_compose_publishes_on_loopback_only() -> None:
             assert host.startswith("127.0.0.1:"), f"{name} publishes {port}"
 
 
+def test_compose_services_are_the_ones_readme_runs() -> None:
+    """README.md's compose steps: PostgreSQL, `db upgrade`, `create`, the dashboard, the
+    worker, and the `cli` tool; every service its commands name is one of them."""
+    services = set(_compose()["services"])
+    assert services == {"postgres", "migrate", "create", "dashboard", "worker", "cli"}
+    readme = LAUNCH_DOC.read_text()
+    section = readme[readme.index("## Launch with docker compose"):
+                     readme.index("## Launch on Kubernetes")]
+    named = re.findall(r"docker compose (?:run|logs|stop|up|start|restart)((?:[ \t]+-[-\w]+)*)"
+                       r"[ \t]+([a-z][\w-]*)", section)
+    assert {service for _, service in named} >= {"cli", "worker", "dashboard"}, named
+    assert {service for _, service in named} <= services, named
+
+
+def test_compose_healthchecks_and_build_hold() -> None:
+    """A `service_healthy` dependency has a healthcheck to pass; a one-shot that others wait
+    to complete is never restarted; every service that builds, builds docker/Dockerfile from
+    the repository root, where .dockerignore is read."""
+    services = _compose()["services"]
+    for name, svc in services.items():
+        for dep, how in (svc.get("depends_on") or {}).items():
+            condition = how["condition"]
+            if condition == "service_healthy":
+                check = services[dep]["healthcheck"]
+                assert check["test"][0] in ("CMD", "CMD-SHELL"), (name, dep)
+                for key in ("interval", "timeout", "start_period"):
+                    assert _duration_seconds(check[key]) > 0, (dep, key)
+            else:
+                assert condition == "service_completed_successfully", (name, dep, condition)
+                assert services[dep]["restart"] == "no", dep
+        if _uses_our_image(svc):
+            context = (DOCKER / svc["build"]["context"]).resolve()
+            assert context == REPO and (context / ".dockerignore").is_file(), name
+            assert (context / svc["build"]["dockerfile"]) == DOCKER / "Dockerfile", name
+
+
 # --- Kubernetes: tests/test_k8s.py (the kustomize render, its schemas, run-time wiring)
-
-
-# --- the image -------------------------------------------------------------------------------
-
-def test_dockerfile_installs_the_project_as_the_readme_does() -> None:
-    from gemma_search import db
-
-    dockerfile = (DOCKER / "Dockerfile").read_text()
-    makefile = (REPO / "Makefile").read_text()
-    # `make install`: the project with the same extras, editable ...
-    spec = re.search(r"pip install[^\n]*?(-e\s+\"\.[^\"]*\")", makefile)
-    assert spec, "the Makefile no longer installs the project with pip install -e"
-    assert re.search(r"pip install[^\n]*" + re.escape(spec[1]), dockerfile), spec[1]
-    # ... because migrations are found beside the package, in the checkout, so the image
-    # keeps that layout.
-    assert db.MIGRATIONS == REPO / "alembic"
-    assert re.search(r"^COPY alembic \./alembic$", dockerfile, re.M)
-    assert re.search(r"^COPY gemma_search \./gemma_search$", dockerfile, re.M)
-    # torch on its own, first, pinned to the GPU build README.md / the Makefile name.
-    gpu_builds = set(re.findall(r'TORCH="(torch==[\d.]+)"',
-                                (REPO / "README.md").read_text() + makefile))
-    pinned = re.search(r'^ARG TORCH="([^"]+)"', dockerfile, re.M)
-    assert pinned and pinned[1] in gpu_builds, (pinned, gpu_builds)
-    torch_at = dockerfile.index('pip install -q "$TORCH"')
-    assert torch_at < dockerfile.index(spec[1])
-    assert re.search(r"^FROM nvidia/cuda:\S+", dockerfile, re.M)
-    assert re.search(r'^ENTRYPOINT \["gemma-search"\]$', dockerfile, re.M)
-    user = re.search(r"^USER (\S+)$", dockerfile, re.M)
-    assert user and user[1] not in ("root", "0")
-
-
-def test_dockerignore_keeps_secrets_out_of_the_build_context() -> None:
-    ignored = set((REPO / ".dockerignore").read_text().split())
-    assert {"docker/.env", "docker/secrets", ".git", ".venv"} <= ignored
-    assert not ignored & {"alembic", "gemma_search", "tests", "pyproject.toml"}
 
 
 # --- secrets ---------------------------------------------------------------------------------
