@@ -537,10 +537,9 @@ def doctor(
         "--require-gpu", help="No CUDA is a failure (a GPU host, the image on one).")] = False,
 ) -> None:
     """Check this machine for workers: CUDA, cards, kernels, storage, model, memory plan."""
-    from gemma_search.doctor import default_storage, failures, render, run_checks, summary
+    from gemma_search.doctor import failures, render, run_checks, summary
 
-    checks = run_checks(storage_url=default_storage(storage), study=study,
-                        require_gpu=require_gpu)
+    checks = run_checks(storage=storage, study=study, require_gpu=require_gpu)
     typer.echo(render(checks))
     typer.echo(summary(checks))
     failed = failures(checks)

@@ -22,12 +22,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gemma_search.errors import GemmaSearchError, first_line
 
-__all__ = ["Card", "Check", "Cuda", "default_storage", "failures", "memory_check", "probe_cuda",
-           "render", "run_checks", "summary"]
+if TYPE_CHECKING:
+    from gemma_search.spec import StudySpec
+
+__all__ = ["Card", "Check", "Cuda", "failures", "memory_check", "probe_cuda", "render",
+           "run_checks", "storage_to_check", "summary"]
 
 #: ok: fine. absent: CUDA is not there, which is no failure on a CPU machine. skipped: the
 #: check does not apply here (no CUDA, no storage, no study). failed: the reason says what to do.
@@ -64,10 +67,12 @@ class Cuda:
     cuda_version: str | None
     """The CUDA torch was built for; None for a CPU build."""
     cards: tuple[Card, ...] = ()
+    error: str | None = None
+    """Why torch or a card could not be asked (a broken install, a failing device)."""
 
     @property
     def available(self) -> bool:
-        return bool(self.cards)
+        return bool(self.cards) and self.error is None
 
 
 @dataclass
@@ -77,42 +82,42 @@ class _Found:
     cuda: Cuda
     attention: str | None = None
     liger: bool = False
-    spec: Any = None
+    spec: StudySpec | None = None
     model_config: Any = None
     checks: list[Check] = field(default_factory=list)
 
 
 def probe_cuda() -> Cuda:
     """torch's version, its CUDA build, and every visible card's free and total memory."""
-    import torch
-
+    try:
+        import torch
+    except Exception as exc:  # a broken torch install raises anything: report it
+        return Cuda("not importable", None, error=f"torch does not import "
+                                                  f"({type(exc).__name__}: {first_line(exc)})")
+    version, built_for = str(torch.__version__), torch.version.cuda
     cards: list[Card] = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            cards.append(Card(i, torch.cuda.get_device_name(i), int(free), int(total)))
-    return Cuda(torch_version=str(torch.__version__), cuda_version=torch.version.cuda,
-                cards=tuple(cards))
+    try:
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(i)
+                cards.append(Card(i, torch.cuda.get_device_name(i), int(free), int(total)))
+    except RuntimeError as exc:  # a card in a bad state (ECC, busy, lost): CUDA errors
+        return Cuda(version, built_for, tuple(cards), error=f"card {len(cards)} cannot be "
+                                                            f"queried: {first_line(exc)}")
+    return Cuda(version, built_for, tuple(cards))
 
 
-def run_checks(*, storage_url: str | None, study: str | None, require_gpu: bool = False,
+def run_checks(*, storage: str | None, study: str | None, require_gpu: bool = False,
                cuda: Cuda | None = None) -> list[Check]:
-    """Every check, in report order. `storage_url`: None when none was given and the default
-    file does not exist (the storage checks are then skipped). `cuda`: for tests; probed when
-    None."""
+    """Every check, in report order. `storage`: the --storage flag (resolved as every command
+    resolves it, see `storage_to_check`). `cuda`: for tests; probed when None."""
     found = _Found(cuda=cuda if cuda is not None else probe_cuda())
     add = found.checks.append
     add(cuda_check(found.cuda, require_gpu=require_gpu))
     for card in found.cuda.cards:
         add(Check(f"GPU {card.index}", "ok", f"{card.name}: {_gib(card.free_bytes)} GiB free "
                   f"of {_gib(card.total_bytes)} GiB"))
-    if study is None:
-        storage_row = storage_check(storage_url)
-    elif storage_url is None:
-        storage_row = Check("storage", "failed", f"--study {study} needs the storage that holds "
-                                                 "it: --storage URL or $GEMMA_SEARCH_STORAGE")
-    else:
-        storage_row, found.spec = study_spec(storage_url, study)
+    storage_row, found.spec = _storage_and_study(storage, study)
     add(_attention_check(found))
     liger = import_check("Liger Kernel", "liger_kernel.transformers", "liger-kernel",
                          found.cuda, needed_for="fused RMSNorm, GeGLU, RoPE and loss kernels")
@@ -132,7 +137,23 @@ def run_checks(*, storage_url: str | None, study: str | None, require_gpu: bool 
     return found.checks
 
 
+def _storage_and_study(flag: str | None, study: str | None) -> tuple[Check, StudySpec | None]:
+    """The storage row, and the study's spec when `--study` names one that can be read."""
+    try:
+        url = storage_to_check(flag)
+    except GemmaSearchError as exc:  # an unreadable $GEMMA_SEARCH_STORAGE_FILE
+        return Check("storage", "failed", str(exc)), None
+    if study is None:
+        return storage_check(url), None
+    if url is None:
+        return Check("storage", "failed", f"--study {study} needs the storage that holds it: "
+                                          "--storage URL or $GEMMA_SEARCH_STORAGE"), None
+    return study_spec(url, study)
+
+
 def cuda_check(cuda: Cuda, *, require_gpu: bool) -> Check:
+    if cuda.error is not None:
+        return Check("CUDA", "failed", f"{cuda.error}; check the driver with nvidia-smi")
     if cuda.available:
         n = len(cuda.cards)
         return Check("CUDA", "ok", f"torch {cuda.torch_version}, CUDA {cuda.cuda_version}, "
@@ -204,7 +225,7 @@ def storage_check(url: str | None) -> Check:
     return Check("storage", "ok", f"{shown}: reachable, gemma-search tables at {head} (head)")
 
 
-def study_spec(url: str, study: str) -> tuple[Check, Any]:
+def study_spec(url: str, study: str) -> tuple[Check, StudySpec | None]:
     """The storage row, and the study's stored spec (None if the storage or study fails)."""
     from gemma_search import db
     from gemma_search.spec import spec_from_text
@@ -229,12 +250,12 @@ def study_spec(url: str, study: str) -> tuple[Check, Any]:
     return Check("storage", "ok", f"{row.detail}; study {study!r} found"), spec
 
 
-def model_check(spec: Any) -> tuple[Check, Any]:
+def model_check(spec: StudySpec) -> tuple[Check, Any]:
     """The study's model config and tokenizer, loaded as workers load them, without weights."""
-    from transformers import AutoConfig, AutoTokenizer
-
     name, revision = spec.model.name_or_path, spec.model.revision
     try:
+        from transformers import AutoConfig, AutoTokenizer
+
         config = AutoConfig.from_pretrained(name, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     except Exception as exc:  # OSError (no access, no file), ValueError, hub errors alike
@@ -252,14 +273,14 @@ def _memory_row(found: _Found, study: str | None) -> Check:
         return Check("memory plan", "skipped", "no --study")
     if not found.cuda.available:
         return Check("memory plan", "skipped", "no CUDA: CPU trials plan no device memory")
-    if found.model_config is None or found.attention is None:
+    if found.spec is None or found.model_config is None or found.attention is None:
         return Check("memory plan", "skipped", "needs the study's model and attention")
     card = min(found.cuda.cards, key=lambda c: c.free_bytes)
     return memory_check(found.spec, found.model_config, card, attention=found.attention,
                         fused_kernels=found.liger)
 
 
-def memory_check(spec: Any, model_config: Any, card: Card, *, attention: str,
+def memory_check(spec: StudySpec, model_config: Any, card: Card, *, attention: str,
                  fused_kernels: bool) -> Check:
     """The engine's batch plan for the study's largest trial on `card`'s free memory.
 
@@ -301,7 +322,7 @@ def _choices(value: Any) -> tuple[Any, ...]:
     return (value,)
 
 
-def default_storage(flag: str | None) -> str | None:
+def storage_to_check(flag: str | None) -> str | None:
     """The storage to check: as every command resolves it, except that the default SQLite file
     is only checked where it exists (doctor never creates a database)."""
     from gemma_search.storage import (

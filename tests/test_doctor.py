@@ -93,7 +93,7 @@ def test_a_database_without_our_tables_says_run_db_upgrade(tmp_path: Path) -> No
     import sqlite3
 
     sqlite3.connect(tmp_path / "empty.db").close()
-    checks = run_checks(storage_url=f"sqlite:///{tmp_path / 'empty.db'}", study=None)
+    checks = run_checks(storage=f"sqlite:///{tmp_path / 'empty.db'}", study=None)
     assert failures(checks) == [f"storage: sqlite:///{tmp_path / 'empty.db'} has no "
                                 "gemma-search tables; run `gemma-search db upgrade`"]
 
@@ -104,10 +104,27 @@ def test_a_study_needs_a_storage() -> None:
     assert "error: storage: --study doc needs the storage that holds it" in result.output
 
 
+def test_an_unreadable_storage_file_is_a_failed_row_not_an_abort(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEMMA_SEARCH_STORAGE_FILE", str(tmp_path / "missing"))
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 1
+    assert _rows(result.output)["model"][0] == "skipped"  # the table is still there
+    assert f"error: storage: GEMMA_SEARCH_STORAGE_FILE names {tmp_path / 'missing'}" in (
+        result.output)
+
+
+def test_a_card_that_cannot_be_queried_fails_cuda() -> None:
+    broken = Cuda("2.11.0+cu130", "13.0", error="card 1 cannot be queried: CUDA error: ECC")
+    checks = {c.name: c for c in run_checks(storage=None, study=None, cuda=broken)}
+    assert checks["CUDA"].status == "failed" and "ECC" in checks["CUDA"].detail
+    assert checks["Liger Kernel"].status in ("ok", "skipped")  # as on a machine with no CUDA
+
+
 def test_on_a_gpu_the_kernels_are_needed_and_the_plan_is_made(study_url: str) -> None:
     """The GPU branch, from a described H200: the `gpu` extra is not installed here, so the
     two kernel checks fail with the install command; the tiny model's plan fits."""
-    checks = {c.name: c for c in run_checks(storage_url=study_url, study="doc", cuda=H200)}
+    checks = {c.name: c for c in run_checks(storage=study_url, study="doc", cuda=H200)}
     assert checks["CUDA"].status == "ok" and "1 card" in checks["CUDA"].detail
     assert checks["GPU 0"].detail == "NVIDIA H200: 130.0 GiB free of 140.0 GiB"
     assert checks["attention"].detail.startswith("auto -> ")
