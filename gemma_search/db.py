@@ -1,7 +1,7 @@
 """gemma-search's own tables beside Optuna's: study specs, workers, checkpoints, eval metrics.
 
 They live in the study's storage database, with their own SQLAlchemy metadata and their own
-Alembic history, shipped in the package as `gemma_search/migrations/` (DESIGN decision 5).
+Alembic history, shipped in the package as `gemma_search/migrations/` (design decision 5).
 Optuna stamps the default `alembic_version` table in the same database, so ours is
 `gemma_search_alembic_version`, and migrations only ever see tables named `gs_*`
 (`include_object`). `gemma-search db upgrade` runs `upgrade_all`: Optuna's schema first,
@@ -272,7 +272,7 @@ def make_engine(url: str, *, connect_patience: float = 0.0) -> Engine:
         # Many worker processes write one file: wait for its lock instead of failing.
         kwargs["connect_args"] = {"timeout": 60}
     else:
-        # Optuna's own pool already holds a worker's connections (DESIGN decision 1): ours
+        # Optuna's own pool already holds a worker's connections (design decision 1): ours
         # opens one per session and closes it, so the server's max_connections is not doubled.
         kwargs["poolclass"] = NullPool
     try:

@@ -32,7 +32,7 @@ log = logging.getLogger("gemma_search.study")
 
 def _quiet_optuna() -> None:
     """Heartbeats, retry callbacks and grouped TPE are 'experimental' in Optuna since 2.x;
-    we use them on purpose (DESIGN decision 2), so their warnings are noise to a user."""
+    we use them on purpose (design decision 2), so their warnings are noise to a user."""
     import warnings
 
     import optuna
@@ -180,7 +180,7 @@ def build_pruner(spec: StudySpec) -> Any:
 def gpu_hours_used(trials: list[Any], now: Any = None) -> float:
     """Device-hours of the study: each trial's wall time x its GPUs, running trials to now.
 
-    A worker drives one device (DESIGN decision 8), so a trial counts `gpus` = 1 unless it
+    A worker drives one device (design decision 8), so a trial counts `gpus` = 1 unless it
     recorded otherwise; re-queued failures count too, since their time was spent.
     """
     from datetime import datetime

@@ -1,7 +1,7 @@
 """Trial checkpoints: adapter weights, optimizer, scheduler, RNG and data position.
 
 A retried trial continues from its predecessor's latest checkpoint instead of restarting
-from zero (DESIGN decision 3; optuna#3351). A checkpoint is a folder written under a temporary
+from zero (design decision 3; optuna#3351). A checkpoint is a folder written under a temporary
 name and renamed into place, so a reader never sees half of one.
 
 A checkpoint holds tensors and plain values only (safetensors for the adapters; for the rest,
