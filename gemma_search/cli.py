@@ -208,13 +208,18 @@ def launch(
     """Start supervised workers on this machine (one per GPU), show progress, wait for them.
 
     A crashed worker is restarted with backoff; Ctrl-C or SIGTERM stops all of them, and each
-    checkpoints and re-queues its trial first.
+    checkpoints and re-queues its trial first. The last line says how the study stands; the
+    exit code is 0 only when every planned trial finished, complete or pruned.
     """
     from gemma_search.storage import resolve_storage_url
 
     gpu_ids = _gpu_ids(gpus, workers)
-    _run_workers(study, resolve_storage_url(storage), again=f"gemma-search launch {study}",
-                 workers=workers, gpus=gpu_ids, max_restarts=max_restarts)
+    result = _run_workers(study, resolve_storage_url(storage),
+                          again=f"gemma-search launch {study}", workers=workers, gpus=gpu_ids,
+                          max_restarts=max_restarts)
+    if not result.ok:
+        raise GemmaSearchError(result.line)
+    typer.echo(result.line)
 
 
 @app.command()
@@ -239,7 +244,7 @@ def status(
     from gemma_search import db
     from gemma_search.errors import first_line
     from gemma_search.status import render_status, study_status
-    from gemma_search.storage import is_transient, redact_text, resolve_storage_url
+    from gemma_search.storage import backoff, is_transient, redact_text, resolve_storage_url
     from gemma_search.study import load_study
     from gemma_search.verify import load_companion
 
@@ -265,20 +270,31 @@ def status(
     from rich.text import Text
 
     view = render_status(summary())
+    patience = spec.storage.reconnect_seconds
     with Live(view, auto_refresh=False) as live:
         try:
+            wait, failing_since, attempt = interval, None, 0
             while True:
-                time.sleep(interval)
+                time.sleep(wait)
                 try:
                     view = render_status(summary())
-                    live.update(view, refresh=True)
-                except Exception as exc:  # a database restart: keep watching
-                    if not (isinstance(exc, GemmaSearchError) or is_transient(exc)):
+                except Exception as exc:  # a database restart: keep watching, as workers do
+                    if not is_transient(exc):
                         raise
+                    now = time.monotonic()
+                    failing_since = failing_since or now
                     why = redact_text(first_line(exc), url)
+                    if now - failing_since >= patience:
+                        raise GemmaSearchError(
+                            f"storage unreachable for {now - failing_since:.0f} s "
+                            f"(storage.reconnect_seconds is {patience}): {why}") from None
                     live.update(Group(view, Text(f"storage unreachable ({why}); showing the "
                                                  "last view, retrying", style="red")),
                                 refresh=True)
+                    wait, attempt = min(interval, backoff(attempt)), attempt + 1
+                    continue
+                live.update(view, refresh=True)
+                wait, failing_since, attempt = interval, None, 0
         except KeyboardInterrupt:
             pass
 
@@ -338,7 +354,7 @@ def verify(
     from rich.console import Console
     from rich.table import Table
 
-    from gemma_search.storage import resolve_storage_url
+    from gemma_search.storage import resolve_storage_url, retry_transient
     from gemma_search.study import load_study
     from gemma_search.verify import enqueue_verification, verification_summary
 
@@ -351,24 +367,30 @@ def verify(
                    f"{companion.study_name!r} ({top} best trial(s) x {seeds} new seed(s), "
                    "earlier ones kept)")
     rows = verification_summary(loaded, spec, companion)
+    result = None
     if any(r["pending"] for r in rows) and not no_run:
-        _run_workers(companion.study_name, url, again=f"gemma-search verify {study}",
-                     workers=workers, gpus=gpu_ids)
-        rows = verification_summary(loaded, spec, companion)
+        result = _run_workers(companion.study_name, url, again=f"gemma-search verify {study}",
+                              workers=workers, gpus=gpu_ids)
+        rows = retry_transient(lambda: verification_summary(loaded, spec, companion),
+                               patience=spec.storage.reconnect_seconds,
+                               what="read the re-runs")
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
-        return
-    table = Table(title=f"{spec.objective.metric} on new seeds ({spec.direction}), best mean "
-                  "first")
-    for col in ("trial", "own value", "seeds", "mean", "std", "values", "pending"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(str(r["trial"]), _cell(r["original_value"]),
-                      ",".join(map(str, r["seeds"])) or "-", _cell(r["mean"]), _cell(r["std"]),
-                      " ".join(_cell(v) for v in r["values"]) or "-", str(r["pending"]))
-    Console(width=160).print(table)
-    if rows and rows[0]["mean"] is not None:
-        typer.echo(f"export picks trial {rows[0]['trial']} (best mean over its new seeds)")
+    else:
+        table = Table(title=f"{spec.objective.metric} on new seeds ({spec.direction}), best "
+                      "mean first")
+        for col in ("trial", "own value", "seeds", "mean", "std", "values", "pending"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(str(r["trial"]), _cell(r["original_value"]),
+                          ",".join(map(str, r["seeds"])) or "-", _cell(r["mean"]),
+                          _cell(r["std"]), " ".join(_cell(v) for v in r["values"]) or "-",
+                          str(r["pending"]))
+        Console(width=160).print(table)
+        if rows and rows[0]["mean"] is not None:
+            typer.echo(f"export picks trial {rows[0]['trial']} (best mean over its new seeds)")
+    if result is not None and not result.ok:
+        raise GemmaSearchError(result.line)  # after the table: the re-runs that did finish
 
 
 @app.command()
@@ -585,9 +607,16 @@ def _gpu_ids(gpus: str | None, workers: int | None) -> list[str] | None:
     return None if gpus is None else parse_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
-def _run_workers(study: str, url: str, *, again: str, **launch_args: Any) -> None:
-    """Run supervised workers with a progress bar; an interrupt or a failed worker is a
-    one-line error (`again`: the command that carries on)."""
+def _run_workers(study: str, url: str, *, again: str, **launch_args: Any) -> Any:
+    """Run supervised workers with a progress bar, then read how the study stands: a
+    `launcher.Outcome`, whose line says what failed (and why), waits or never started.
+    An interrupt or a configuration error is a one-line error (`again`: the command that
+    carries on)."""
+    from gemma_search.launcher import Outcome
+    from gemma_search.study import load_study
+
+    # The study's patience for an outage at the end; a study that is not there fails here.
+    patience = float(load_study(study, url)[1].storage.reconnect_seconds)
     try:
         code = _launch_with_progress(study, url, **launch_args)
     except KeyboardInterrupt:
@@ -597,9 +626,33 @@ def _run_workers(study: str, url: str, *, again: str, **launch_args: Any) -> Non
         raise GemmaSearchError(f"a worker of study {study!r} stopped on a configuration error "
                                f"(its one-line error is above); fix it, then run `{again}` "
                                "again")
+    result = _study_outcome(study, url, patience)
+    if result.ok and code == 0:
+        return result
+    line = result.line
     if code != 0:
-        raise GemmaSearchError(f"a worker of study {study!r} exited with code {code}; see its "
-                               "output above")
+        line += f"; a worker exited with code {code} (its output is above)"
+    if result.unfinished:
+        line += f"; `{again}` runs what is left"
+    return Outcome(False, line, result.failed, result.unfinished)
+
+
+def _study_outcome(study: str, url: str, patience: float) -> Any:
+    """`launcher.outcome` of the study now, read once the server answers (for up to
+    `patience` s): the workers may have outlived an outage that is still going on."""
+    from gemma_search.launcher import outcome
+    from gemma_search.storage import retry_transient
+    from gemma_search.study import load_study
+    from gemma_search.verify import rerun_progress, search_study_of
+
+    def read() -> Any:
+        loaded, spec = load_study(study, url)
+        trials = loaded.get_trials(deepcopy=False)
+        verifying = search_study_of(loaded) is not None
+        planned = rerun_progress(trials)[1] if verifying else spec.budget.max_trials
+        return outcome(study, trials, planned, verifying=verifying)
+
+    return retry_transient(read, patience=patience, what=f"read study {study}")
 
 
 def _launch_with_progress(study: str, url: str, **launch_args: Any) -> int:
@@ -630,10 +683,15 @@ def _launch_with_progress(study: str, url: str, **launch_args: Any) -> int:
                 enqueued = spec.budget.max_trials
             pruned = sum(t.state == TrialState.PRUNED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
+            # A full bar is not a good end by itself: failed trials count as done.
+            retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+            failed = sum(t.state == TrialState.FAIL and t.number not in retried
+                         for t in trials)
             ranked = ranked_trials(trials, spec)
             best = f", best {ranked[0].value:.4g}" if ranked else ""
+            failures = f", {failed} failed" if failed else ""
             progress.update(task, completed=done, total=enqueued,
-                            detail=f"{running} running, {pruned} pruned{best}")
+                            detail=f"{running} running, {pruned} pruned{failures}{best}")
 
         def say(line: str) -> None:
             # soft_wrap: one message, one line, also in a log that is not a terminal.

@@ -16,6 +16,12 @@ scheduler beyond one machine; here the supervisor only restarts what crashed):
   restarted, the others are stopped as on Ctrl-C, and `launch` returns `CONFIG_ERROR_EXIT`.
 - Ctrl-C or SIGTERM to the launcher sends one SIGTERM to every child (each checkpoints its
   trial, re-queues it and exits); a second sends another, on which they exit at once.
+- Progress is read from the storage in a thread of its own, so a database outage (or a
+  host that does not answer) never holds up the supervision: the children keep their
+  supervisor, their restarts and their signals. Should `launch` itself fail, it stops its
+  children before it goes: none is left running without a supervisor.
+- When the children are done, `outcome` says how the study stands: every planned trial
+  complete or pruned, or how many failed (and why), wait, run or never started.
 
 The storage URL goes to the children in the environment, never on the command line, so that
 a password does not show in process listings. Children run in their own session: a Ctrl-C in
@@ -35,15 +41,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gemma_search.errors import CONFIG_ERROR_EXIT, GemmaSearchError
-from gemma_search.storage import STORAGE_ENV
+from gemma_search.errors import CONFIG_ERROR_EXIT, GemmaSearchError, first_line
+from gemma_search.storage import STORAGE_ENV, redact_text
 
-__all__ = ["Slot", "Supervisor", "launch", "parse_gpus", "restart_delay"]
+__all__ = ["Outcome", "Slot", "Supervisor", "launch", "outcome", "parse_gpus", "restart_delay"]
 
 log = logging.getLogger("gemma_search.launcher")
 
 #: A child that ran this long before crashing starts its crash count afresh.
 STABLE_SECONDS = 600.0
+#: Seconds the children of a failing `launch` get to checkpoint and exit before they are killed.
+STOP_SECONDS = 120.0
 
 
 def restart_delay(crashes: int, base: float = 2.0) -> float:
@@ -220,13 +228,16 @@ def launch(name: str, url: str, *, workers: int | None = None, gpus: list[str] |
     """Run one supervised worker per GPU (`gpus`) or `workers` CPU workers; return a code
     (`CONFIG_ERROR_EXIT`: a worker stopped on a configuration error, and the others with it).
 
-    Raises KeyboardInterrupt after Ctrl-C or SIGTERM, once every child has exited.
+    `poll` (progress from the storage) runs every `poll_seconds` in a thread of its own; its
+    errors are reported, never raised. Raises KeyboardInterrupt after Ctrl-C or SIGTERM, once
+    every child has exited.
     """
     slots = ([Slot(i, gpu) for i, gpu in enumerate(gpus)] if gpus
              else [Slot(i, None) for i in range(workers or 1)])
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // len(slots))
     sup = Supervisor(name, url, slots, threads=threads, max_restarts=max_restarts,
                      base_delay=base_delay, say=say)
+    poller = None if poll is None else _Poller(poll, poll_seconds, url, sup.say)
     # SIGTERM (a container stop, `kill`) is handled like Ctrl-C: children checkpoint first.
     # Python lets only the main thread set handlers; elsewhere the caller's handling stands.
     main = threading.current_thread() is threading.main_thread()
@@ -236,23 +247,141 @@ def launch(name: str, url: str, *, workers: int | None = None, gpus: list[str] |
     try:
         for slot in slots:
             sup.start(slot)
+        if poller is not None:
+            poller.start()
         while sup.active:
             try:
                 sup.step()
-                if poll is not None:
-                    poll()
                 time.sleep(poll_seconds)
             except KeyboardInterrupt:
                 sup.stop()
         sup.step()
-        if poll is not None:
-            poll()
+    except BaseException:
+        # `launch` itself failed (a bug): its children stop with it, as on Ctrl-C, rather
+        # than run on without a supervisor (parent pid 1, no restarts, no signals).
+        _stop_children(sup)
+        raise
     finally:
+        if poller is not None:
+            poller.finish()
         if main:
             signal.signal(signal.SIGTERM, previous)
     if sup.stopping and not sup.config_error:
         raise KeyboardInterrupt
     return sup.exit_code()
+
+
+class _Poller(threading.Thread):
+    """Calls `poll` every `seconds` until `finish`, then once more. An error is one line
+    when polling starts to fail and one when it works again, whatever it is: progress is
+    for the eye, and the children are what `launch` is for."""
+
+    def __init__(self, poll: Callable[[], None], seconds: float, url: str,
+                 say: Callable[[str], None]) -> None:
+        super().__init__(name="gs-launch-progress", daemon=True)
+        self._poll, self._seconds, self._url, self._say = poll, seconds, url, say
+        self._done = threading.Event()
+        self._failing_since: float | None = None
+
+    def run(self) -> None:
+        while True:
+            self._once()
+            if self._done.wait(self._seconds):
+                return
+
+    def finish(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join(timeout=self._seconds + 30)
+        if not self.is_alive():  # else it is stuck on a host that does not answer
+            self._once()
+
+    def _once(self) -> None:
+        try:
+            self._poll()
+        except Exception as exc:
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                why = redact_text(first_line(exc), self._url)
+                self._say(f"progress: cannot read the study ({why}); the workers go on, "
+                          "retrying")
+            return
+        if self._failing_since is not None:
+            self._say(f"progress: the study can be read again (after "
+                      f"{time.monotonic() - self._failing_since:.0f} s)")
+            self._failing_since = None
+
+
+def _stop_children(sup: Supervisor) -> None:
+    """SIGTERM to every live child (each checkpoints and re-queues its trial), a second one
+    after `STOP_SECONDS`, then SIGKILL: no child outlives a failed `launch`."""
+    for last_resort in (False, True):
+        sup.stop()
+        deadline = time.monotonic() + (10.0 if last_resort else STOP_SECONDS)
+        for slot in sup.slots:
+            if slot.proc is None:
+                continue
+            try:
+                slot.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                if last_resort:
+                    slot.proc.kill()
+                    slot.proc.wait()
+        if all(s.proc is None or s.proc.poll() is not None for s in sup.slots):
+            return
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a study stands once its workers are done: `launch`'s last line and exit code."""
+
+    ok: bool
+    """Every planned trial finished, complete or pruned."""
+    line: str
+    failed: int = 0
+    """Trials that failed for good (not re-queued)."""
+    unfinished: int = 0
+    """Trials waiting, running or not started."""
+
+
+def outcome(name: str, trials: Sequence[Any], planned: int, *, verifying: bool = False
+            ) -> Outcome:
+    """Count the study's trials as its budget does (a failed trial that was re-queued counts
+    through its retry, once): complete, pruned, failed (with the first failures' numbers and
+    reasons), waiting, running, and not started (`planned` less every trial there is).
+
+    `verifying`: a verify companion, whose plan is its enqueued re-runs; else the search
+    study, whose re-runs kept by an earlier version (tagged `verify_of`) are left out.
+    """
+    from optuna.trial import TrialState
+
+    from gemma_search.ranking import is_verification
+
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    counted = [t for t in trials if is_verification(t) == verifying
+               and not (t.state == TrialState.FAIL and t.number in retried)]
+    by_state = {state: [t for t in counted if t.state == state] for state in TrialState}
+    complete, pruned = len(by_state[TrialState.COMPLETE]), len(by_state[TrialState.PRUNED])
+    failed = by_state[TrialState.FAIL]
+    waiting, running = len(by_state[TrialState.WAITING]), len(by_state[TrialState.RUNNING])
+    not_started = max(0, planned - len(counted))
+    if not failed and not waiting and not running and not not_started:
+        return Outcome(True, f"study {name}: {complete + pruned} of {planned} trials done "
+                             f"({complete} complete, {pruned} pruned)")
+    parts = [f"{complete} complete"] + ([f"{pruned} pruned"] if pruned else [])
+    if failed:
+        reasons = "; ".join(f"trial {t.number}: {_reason(t)}" for t in failed[:3])
+        more = f"; {len(failed) - 3} more" if len(failed) > 3 else ""
+        parts.append(f"{len(failed)} failed ({reasons}{more})")
+    parts += [f"{n} {what}" for n, what in ((waiting, "waiting"), (running, "running"),
+                                            (not_started, "not started")) if n]
+    return Outcome(False, f"study {name}: " + ", ".join(parts), len(failed),
+                   waiting + running + not_started)
+
+
+def _reason(trial: Any) -> str:
+    reason = trial.user_attrs.get("fail_reason") or "no reason recorded"
+    return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
 def _raise_interrupt(_signum: int, _frame: Any) -> None:

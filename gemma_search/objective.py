@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from gemma_search.errors import GemmaSearchError, SpecError, first_line
 from gemma_search.space import trial_config
 from gemma_search.spec import StudySpec
+from gemma_search.storage import retry_transient
 from gemma_search.train.checkpoint import Checkpointing, CheckpointRefused, check_checkpoint
 from gemma_search.train.data import TaskData
 from gemma_search.train.engine import OutOfMemory, train_trial
@@ -42,12 +43,19 @@ class WorkerStatus(Protocol):
 
 class OptunaReporter:
     """The engine's `Reporter`: reports to the Optuna trial, keeps every evaluation in
-    `gs_eval_metrics`, and tells the worker's status where the trial is."""
+    `gs_eval_metrics`, and tells the worker's status where the trial is.
+
+    `patience`: seconds each evaluation's record waits out a database outage
+    (`storage.reconnect_seconds`). The trial's own calls wait in the trial the worker
+    passes (`worker.PatientTrial`).
+    """
 
     def __init__(self, trial: Any, engine: Any, study_name: str,
-                 status: WorkerStatus | None = None, *, prunable: bool = True) -> None:
+                 status: WorkerStatus | None = None, *, prunable: bool = True,
+                 patience: float = 0.0) -> None:
         self._trial = trial
         self._prunable = prunable
+        self._patience = patience
         self._engine = engine
         self._study_name = study_name
         self._status = status
@@ -59,8 +67,12 @@ class OptunaReporter:
 
         self._trial.report(value, step)
         tokens = int(metrics.get("tokens", 0))
-        db.record_eval(self._engine, self._study_name, self._trial.number, step,
-                       int(metrics.get("step", 0)), tokens, dict(metrics))
+        number = self._trial.number
+        # record_eval replaces a row of the same index: safe to repeat after a lost answer.
+        retry_transient(lambda: db.record_eval(self._engine, self._study_name, number, step,
+                                               int(metrics.get("step", 0)), tokens,
+                                               dict(metrics)),
+                        patience=self._patience, what=f"trial {number}: record evaluation")
         if self._status is not None:
             # A resumed trial starts with tokens already trained: count only this run's.
             if self._first_tokens is None:
@@ -158,16 +170,20 @@ class Objective:
 
         if self.status is not None:
             self.status.update(trial=trial.number, step=0, tokens_per_second=None)
+        # A duplicate checkpoint row after a lost answer is harmless: the newest step wins.
+        patience = float(self.spec.storage.reconnect_seconds)
         checkpointing = Checkpointing(
             directory=checkpoint_dir(self.spec, trial.number),
             every_steps=self.spec.checkpoints.every_steps,
             keep_last=self.spec.checkpoints.keep_last,
             resume_from=self._predecessor_checkpoint(trial),
-            on_saved=lambda step, tokens, path: db.record_checkpoint(
-                self.engine, self.spec.name, trial.number, step, tokens, str(path)))
+            on_saved=lambda step, tokens, path: retry_transient(
+                lambda: db.record_checkpoint(self.engine, self.spec.name, trial.number, step,
+                                             tokens, str(path)),
+                patience=patience, what=f"trial {trial.number}: record checkpoint"))
         # A verification run is never pruned: stopped early, it would measure nothing.
         reporter = OptunaReporter(trial, self.engine, self.spec.name, self.status,
-                                  prunable=not verifying)
+                                  prunable=not verifying, patience=patience)
         try:
             result = train_trial(self.base, self.data, cfg, reporter,
                                  checkpointing=checkpointing,

@@ -14,8 +14,9 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus, unquote
 
 from gemma_search.errors import StorageError, first_line
@@ -32,6 +33,7 @@ __all__ = [
     "has_password",
     "is_transient",
     "retry_connects",
+    "retry_transient",
     "open_storage",
     "redact",
     "redact_text",
@@ -40,6 +42,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("gemma_search.storage")
+
+T = TypeVar("T")
 
 DEFAULT_STORAGE = "sqlite:///gemma_search.db"
 STORAGE_ENV = "GEMMA_SEARCH_STORAGE"
@@ -182,7 +186,7 @@ def open_storage(url: str, *, must_exist: bool = False,
     is not there is an error instead of a new empty database.
     `heartbeat`: (interval, grace period, max retries) for workers, which heartbeat their
     running trial so that a dead worker's trial is failed and re-queued, with its reported
-    values (DESIGN decision 2: only `Study.optimize` heartbeats).
+    values. The worker records the heartbeats itself (`gemma_search.worker`).
     `connect_patience`: seconds a worker keeps retrying a connection the server refuses
     (restarting, "too many clients"); commands run by a person fail at once.
     """
@@ -281,47 +285,146 @@ def retry_connects(engine: Any, patience: float) -> None:
 
     @event.listens_for(engine, "do_connect")
     def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
-        deadline = time.monotonic() + patience
+        started = time.monotonic()
         for attempt in itertools.count():
             try:
-                return dialect.connect(*cargs, **cparams)
+                connection = dialect.connect(*cargs, **cparams)
             except dialect.loaded_dbapi.OperationalError as exc:
-                if not (is_transient(exc) and time.monotonic() < deadline):
+                waited = time.monotonic() - started
+                if not (is_transient(exc) and waited < patience):
                     raise
-                log.warning("storage connection refused (%s); retrying", _scrub(
-                    first_line(exc), cparams.get("password")))
-                time.sleep(backoff(attempt))
+                if attempt == 0:  # one line per outage met, not one per try
+                    log.warning("storage unavailable (%s); retrying the connection for up to "
+                                "%.0f s", _scrub(first_line(exc), cparams.get("password")),
+                                patience)
+                time.sleep(min(backoff(attempt), patience - waited))
+                continue
+            if attempt:
+                log.warning("storage connection back after %.1f s", time.monotonic() - started)
+            return connection
         raise AssertionError("unreachable")
 
 
-#: Server answers that go away by themselves: retry them. Anything else is for a person.
-_TRANSIENT = (
-    "too many clients", "remaining connection slots are reserved", "starting up",
-    "shutting down", "connection refused", "could not connect", "server closed the connection",
-    "terminating connection", "connection reset", "timeout expired", "database is locked",
-    "recovery mode", "connection already closed", "ssl syscall",
+#: SQLSTATEs (PostgreSQL, appendix A "Error Codes") that pass by themselves, beside class 08
+#: (connection exception). Anything else needs a person.
+_TRANSIENT_SQLSTATES = frozenset({
+    "53300",  # too_many_connections
+    "57P01",  # admin_shutdown: a fast stop, pg_terminate_backend
+    "57P02",  # crash_shutdown: another backend crashed and the server restarts
+    "57P03",  # cannot_connect_now: starting up, shutting down, in crash recovery
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+})
+
+#: The server's words for the SQLSTATEs above, as libpq reports them when connecting. libpq
+#: gives an error met while a connection starts up without its SQLSTATE (psycopg2 leaves
+#: `pgcode` None), so there, and only there, the message decides. Any other refusal at that
+#: point (authentication, an unknown database or role, pg_hba.conf) needs a person.
+_REFUSALS_THAT_PASS = (
+    "the database system is starting up",  # 57P03
+    "the database system is shutting down",  # 57P03
+    "the database system is in recovery mode",  # 57P03
+    "the database system is not yet accepting connections",  # 57P03: crash recovery
+    "the database system is not accepting connections",  # 57P03: "Hot standby mode is disabled"
+    "too many clients already",  # 53300
+    "remaining connection slots are reserved",  # 53300
+    "terminating connection due to administrator command",  # 57P01
+    "terminating connection because of crash of another server process",  # 57P02
 )
+
+#: SQLite's result codes for "another connection holds the lock" (sqlite3 reports them on
+#: `sqlite_errorcode` since Python 3.11; the extended codes keep them in the low byte).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for a storage error that waiting can fix (a restart, a full server).
+    """True for a storage error that waiting can fix: a server restarting or in crash
+    recovery, a connection refused or lost, a full server, a serialization failure or
+    deadlock, a SQLite file locked by another process.
 
-    Optuna wraps driver errors (StorageInternalError from the OperationalError), so the
-    whole chain of causes is read.
+    Decided by the driver's error type and SQLSTATE, read along the chain of causes: Optuna
+    wraps driver errors in StorageInternalError, SQLAlchemy in its DBAPIError (`.orig`), and
+    `db.session_scope` in a StorageError.
     """
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if any(marker in str(seen).lower() for marker in _TRANSIENT):
-            return True
-        seen = seen.__cause__ or seen.__context__
+    for link in _causes(exc):
+        verdict = _transient(link)
+        if verdict is not None:
+            return verdict
     return False
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen and len(seen) < 16:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or getattr(link, "orig", None) or link.__context__
+
+
+def _transient(exc: BaseException) -> bool | None:
+    """True or False for a driver's error; None for anything else (read its cause)."""
+    import sqlite3
+    import sys
+
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    # Only an error psycopg2 raised can be its: never import it here for the check.
+    psycopg2 = sys.modules.get("psycopg2")
+    if psycopg2 is None or not isinstance(exc, psycopg2.Error):
+        return None
+    code = getattr(exc, "pgcode", None)
+    if code:
+        return code.startswith("08") or code in _TRANSIENT_SQLSTATES
+    if isinstance(exc, psycopg2.InterfaceError):
+        return True  # "connection already closed": the next operation opens a new one
+    if not isinstance(exc, psycopg2.OperationalError):
+        return False
+    text = str(exc)
+    if "FATAL:" not in text:
+        # libpq's own account of a connection it could not open or lost ("Connection
+        # refused", "server closed the connection unexpectedly", "timeout expired"): the
+        # server is away, not answering no.
+        return True
+    return any(phrase in text for phrase in _REFUSALS_THAT_PASS)
 
 
 def backoff(attempt: int) -> float:
     """0.2 s, 0.4 s, ... capped at 5 s, with jitter so that 128 workers do not retry in step."""
-    return min(5.0, 0.2 * 2 ** attempt) * random.uniform(0.5, 1.0)
+    return min(5.0, 0.2 * 2 ** min(attempt, 8)) * random.uniform(0.5, 1.0)
+
+
+def retry_transient(operation: Callable[[], T], *, patience: float, what: str) -> T:
+    """`operation()`, called again after `backoff` while it fails with a transient storage
+    error (`is_transient`), for up to `patience` seconds from the first failure.
+
+    The one retry of every storage call a worker, `launch`, `status --watch` and `verify`
+    make while they run; `patience` is the study's `storage.reconnect_seconds`, 0 to fail
+    at once. `operation` must be safe to repeat: a failure may come after the server
+    committed it (a connection lost on the commit's answer).
+    """
+    first_failure: float | None = None
+    for attempt in itertools.count():
+        started = time.monotonic()
+        try:
+            result = operation()
+        except Exception as exc:
+            # Counted from the start of the first failed call: a connection it waited for
+            # (`retry_connects`) is part of the same outage, under the same limit.
+            now = time.monotonic()
+            first_failure = started if first_failure is None else first_failure
+            if not is_transient(exc) or now - first_failure >= patience:
+                raise
+            if attempt == 0:
+                log.warning("%s: storage unavailable (%s); retrying for up to %.0f s", what,
+                            first_line(exc), patience)
+            time.sleep(min(backoff(attempt), max(0.0, first_failure + patience - now)))
+            continue
+        if first_failure is not None:
+            log.warning("%s: storage back after %.1f s", what, time.monotonic() - first_failure)
+        return result
+    raise AssertionError("unreachable")
 
 
 def _scrub(text: str, *secrets: Any) -> str:
@@ -336,8 +439,10 @@ class StudyLock:
     """A lock shared by every worker of one study, on any machine that reaches its storage.
 
     PostgreSQL: a session advisory lock, on a connection opened for the hold and closed after.
-    SQLite: an flock on a file beside the database (SQLite is one machine's storage anyway).
-    `release` may be called more than once; only the first call releases.
+    A server restart during the hold ends the session and the lock with it; whatever the
+    holder does next under the lock meets the same outage, fails, and is retried from
+    `acquire`. SQLite: an flock on a file beside the database (SQLite is one machine's
+    storage anyway). `release` may be called more than once; only the first call releases.
     """
 
     def __init__(self, url: str, study_name: str, *, connect_patience: float = 0.0) -> None:
@@ -372,15 +477,24 @@ class StudyLock:
             # pg_advisory_lock would sit on a connection, and with many workers those
             # waiting connections fill the server until the holder cannot open the ones its
             # claim needs (seen with 128 workers: every worker stuck at "too many clients").
-            for attempt in itertools.count():
-                conn = engine.connect()
-                got = conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))"),
-                                   {"k": self._key}).scalar_one()
-                if got:
-                    self._held = (engine, conn)
-                    return
-                conn.close()
-                time.sleep(min(1.0, 0.02 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0))
+            try:
+                for attempt in itertools.count():
+                    conn = engine.connect()
+                    try:
+                        got = conn.execute(text("SELECT pg_try_advisory_lock("
+                                                "hashtextextended(:k, 0))"),
+                                           {"k": self._key}).scalar_one()
+                    except BaseException:
+                        conn.close()
+                        raise
+                    if got:
+                        self._held = (engine, conn)
+                        return
+                    conn.close()
+                    time.sleep(min(1.0, 0.02 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0))
+            except BaseException:
+                engine.dispose()  # an outage mid-try: nothing is held; the caller retries
+                raise
         else:
             self._held = True  # other databases: no cross-process lock (documented)
 
@@ -395,13 +509,13 @@ class StudyLock:
             held.close()
             return
         from sqlalchemy import text
-        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.exc import DBAPIError
 
         engine, conn = held
         try:
             conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
                          {"k": self._key})
-        except OperationalError as exc:
+        except DBAPIError as exc:
             # The server dropped the session (a restart): the lock went with it.
             log.warning("study lock: the session was already gone (%s)", first_line(exc))
         finally:

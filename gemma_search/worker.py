@@ -1,27 +1,38 @@
 """Workers pull trials from a study until its budget is spent; `launch` runs N of them.
 
-A worker loads the base model and tokenizes the data once, then loops
-`study.optimize(objective, n_trials=1)`: only `optimize` heartbeats (DESIGN decision 2), and
-checking the study-wide budget between trials keeps `max_trials` a study budget, not a
-per-worker one (optuna#2907). `gemma_search.launcher` starts and supervises several.
+A worker loads the base model and tokenizes the data once, then, one trial at a time: claims
+a trial under the study lock (`study.ask` pops it), runs the objective while a thread of its
+own heartbeats the trial, and tells Optuna how it ended. Checking the study-wide budget
+between trials keeps `max_trials` a study budget, not a per-worker one (optuna#2907).
+
+The worker drives `ask` and `tell` itself rather than `study.optimize`, so that every storage
+call of a trial waits out a database outage (`storage.retry_transient`, up to
+`storage.reconnect_seconds`). Inside `optimize` (optuna 5.0) the heartbeat thread dies on
+the first refused connection, and a `tell` that fails raises `UnboundLocalError` from
+`_run_trial` and leaves the trial RUNNING. `gemma_search.launcher` starts and supervises
+several workers.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
+import math
 import os
 import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from gemma_search.errors import GemmaSearchError, SpecError, first_line
 from gemma_search.spec import StorageSpec, StudySpec
-from gemma_search.storage import StudyLock, backoff, is_transient
+from gemma_search.storage import StudyLock, backoff, is_transient, retry_transient
 from gemma_search.study import budget_used, gpu_hours_used, load_study, split_args
 
-__all__ = ["load_resources", "run_worker"]
+__all__ = ["PatientTrial", "TrialHeartbeat", "load_resources", "run_worker"]
 
 log = logging.getLogger("gemma_search.worker")
 
@@ -62,7 +73,8 @@ def load_resources(spec: StudySpec) -> tuple[Any, Any]:
 
 class WorkerRow:
     """This worker's row in `gs_workers`: registered on entry, heartbeated from a thread
-    every heartbeat interval (with the current trial, step and speed), closed on exit."""
+    every heartbeat interval (with the current trial, step and speed), closed on exit.
+    Each write waits out an outage like the trial's own (`storage.retry_transient`)."""
 
     def __init__(self, url: str, study_name: str, storage: StorageSpec, device: Any) -> None:
         from gemma_search import db
@@ -70,6 +82,7 @@ class WorkerRow:
         self.engine = db.make_engine(url, connect_patience=storage.reconnect_seconds)
         self._study_name = study_name
         self._interval = storage.heartbeat_interval
+        self._patience = float(storage.reconnect_seconds)
         self._device = device
         self._state: dict[str, Any] = {"current_trial": None, "current_step": None,
                                        "tokens_per_second": None}
@@ -90,9 +103,10 @@ class WorkerRow:
             gpu_name = torch.cuda.get_device_name(self._device)
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0]
             gpu_index = int(visible) if visible.isdigit() else self._device.index or 0
-        self.worker_id = db.register_worker(self.engine, self._study_name,
-                                            socket.gethostname(), os.getpid(), gpu_name,
-                                            gpu_index)
+        self.worker_id = retry_transient(
+            lambda: db.register_worker(self.engine, self._study_name, socket.gethostname(),
+                                       os.getpid(), gpu_name, gpu_index),
+            patience=self._patience, what="register the worker")
         self._thread.start()
         return self
 
@@ -104,23 +118,100 @@ class WorkerRow:
     def _beat(self) -> None:
         from gemma_search import db
 
-        while not self._done.wait(self._interval):
-            try:
-                db.worker_heartbeat(self.engine, self.worker_id, **self._state)
-            except GemmaSearchError as exc:  # the database is away: try again next beat
-                log.warning("worker heartbeat failed: %s", exc)
+        _keep_beating(lambda: db.worker_heartbeat(self.engine, self.worker_id, **self._state),
+                      self._interval, self._done, "worker heartbeat")
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         from gemma_search import db
 
         self._done.set()
         self._thread.join(timeout=self._interval + 5)
+        state = "exited" if exc is None else "failed"
+        # A worker that fails may be failing on an outage it already waited out: one try.
+        patience = self._patience if exc is None else 0.0
         try:
-            db.worker_exit(self.engine, self.worker_id, "exited" if exc is None else "failed")
+            retry_transient(lambda: db.worker_exit(self.engine, self.worker_id, state),
+                            patience=patience, what=f"mark the worker {state}")
         except GemmaSearchError as error:
-            log.warning("could not mark worker %s %s: %s", self.worker_id,
-                        "exited" if exc is None else "failed", error)
+            log.warning("could not mark worker %s %s: %s", self.worker_id, state, error)
         self.engine.dispose()
+
+
+def _keep_beating(beat: Callable[[], Any], interval: float, done: threading.Event,
+                  what: str) -> None:
+    """Call `beat` every `interval` s until `done` is set; never stop on an error.
+
+    After a failure the next try comes after `backoff`, not a whole interval, so the first
+    beat after an outage lands as soon as the server answers. One line when beats start
+    failing and one when they come back, not one per beat.
+    """
+    failing_since: float | None = None
+    attempt = 0
+    while True:
+        try:
+            beat()
+        except Exception as exc:
+            if failing_since is None:
+                failing_since = time.monotonic()
+                log.warning("%s failed (%s); retrying", what, first_line(exc))
+            wait = min(float(interval), backoff(attempt))
+            attempt += 1
+        else:
+            if failing_since is not None:
+                log.warning("%s: recorded again after %.1f s", what,
+                            time.monotonic() - failing_since)
+            failing_since, attempt, wait = None, 0, float(interval)
+        if done.wait(wait):
+            return
+
+
+class TrialHeartbeat:
+    """The running trial's Optuna heartbeat, recorded from a thread every
+    `storage.heartbeat_interval` s, as Optuna's own heartbeat thread does inside
+    `study.optimize`, but one that an outage does not end (Optuna's dies on the first
+    error it meets). The heartbeats are the same rows: `fail_stale_trials` and
+    `RetryHeartbeatStaleTrialCallback` read them as ever."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=_keep_beating, name="gs-trial-heartbeat", daemon=True,
+            args=(lambda: storage.record_heartbeat(trial_id), interval, self._done,
+                  "trial heartbeat"))
+
+    def __enter__(self) -> TrialHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class PatientTrial:
+    """An `optuna.Trial` whose every method waits out a database outage
+    (`storage.retry_transient`); attributes pass through.
+
+    The objective only calls methods that are safe to repeat after a failure that may have
+    come after the commit: `suggest_*` (Optuna ignores a parameter stored twice, and an
+    enqueued or relative parameter is the same value again), `set_user_attr` and `report`
+    (one row per key and step, overwritten), `should_prune` (a read).
+    """
+
+    def __init__(self, trial: Any, patience: float) -> None:
+        self._trial = trial
+        self._patience = patience
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._trial, name)
+        if name.startswith("_") or not callable(value):
+            return value
+
+        def patient(*args: Any, **kwargs: Any) -> Any:
+            return retry_transient(lambda: value(*args, **kwargs), patience=self._patience,
+                                   what=f"trial {self._trial.number}: {name}")
+
+        return patient
 
 
 class StopFlag:
@@ -144,41 +235,15 @@ class StopFlag:
         return self.requested
 
 
-class _HandedBackNote(logging.Filter):
-    """Optuna logs a trial that raised as failed, with the traceback, then its value. A trial
-    handed back on SIGTERM (`TrialPreempted`) did not fail: its two records become one line."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._drop_value_line = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from gemma_search.objective import TrialPreempted
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, TrialPreempted):
-            record.msg = f"{exc}; handed back, a worker resumes it from that checkpoint"
-            record.args, record.exc_info, record.exc_text = (), None, None
-            self._drop_value_line = True
-            return True
-        if self._drop_value_line and record.funcName == "_log_failed_trial":
-            self._drop_value_line = False  # "Trial N failed with value None."
-            return False
-        return True
-
-
-_HANDED_BACK_NOTE = _HandedBackNote()
-
-
 def run_worker(name: str, url: str, *, index: int = 0, stop: StopFlag | None = None) -> int:
     """Run trials of study `name` until its budget is spent; return how many ran here."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # The logger of `study.optimize`, which logs each failed trial with its traceback.
-    optimize_log = logging.getLogger("optuna.study._optimize")
-    if _HANDED_BACK_NOTE not in optimize_log.filters:
-        optimize_log.addFilter(_HANDED_BACK_NOTE)
+    # `study.ask` warns when the storage heartbeats outside `optimize`: this worker records
+    # the heartbeats itself (`TrialHeartbeat`).
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used",
+                            category=UserWarning)
     stop = stop or StopFlag()
     study, spec = load_study(name, url, heartbeat=True, worker_index=index)
     base, data = load_resources(spec)
@@ -206,81 +271,142 @@ def _baselines(study: Any, spec: StudySpec, base: Any, data: Any) -> None:
 
 def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, data: Any,
                 stop: StopFlag, status: WorkerRow) -> int:
-    import optuna
+    from optuna.trial import TrialState
 
-    from gemma_search.objective import Objective
+    from gemma_search.objective import Objective, TrialPreempted
 
-    lock = StudyLock(url, spec.name, connect_patience=spec.storage.reconnect_seconds)
-    objective = Objective(spec, base, data, status.engine, on_start=lock.release,
-                          stop_requested=stop, status=status)
-    requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(
-        max_retry=spec.storage.max_retries, inherit_intermediate_values=True)
-    finished: list[Any] = []
-    failures = attempt = 0
-    outage_started = 0.0
+    patience = float(spec.storage.reconnect_seconds)
+    lock = StudyLock(url, spec.name, connect_patience=patience)
+    objective = Objective(spec, base, data, status.engine, stop_requested=stop, status=status)
+    ran = failures = 0
     while not stop.requested:
-        lock.acquire()
-        try:
-            action = _claim_trial(study, spec, status.engine)
-            if action == "run":
-                # catch=Exception: a broken trial is recorded as FAIL and the worker goes on.
-                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
-                               callbacks=[lambda _study, trial: finished.append(trial)])
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
-            # Our trial was declared stale while it ran (its heartbeats were late: a database
-            # outage, or a machine so loaded the heartbeat thread starved) and was re-queued;
-            # the retry resumes it from its checkpoint. Optuna reports this at `tell` as
-            # UpdateFinishedTrialError or, since 5.0, as "Cannot tell a FAIL trial."
-            if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
-                raise
-            log.warning("trial finished elsewhere meanwhile: %s", first_line(exc))
-            continue
-        except Exception as exc:
-            # The database went away mid-operation (restart, failover). Connections already
-            # wait for it (retry_connects); a statement cut off mid-flight lands here. Wait
-            # and go on: a trial left RUNNING is re-queued (stale or orphaned) and resumes.
-            outage_started = outage_started or time.monotonic()
-            if not is_transient(exc) or (time.monotonic() - outage_started
-                                         > spec.storage.reconnect_seconds):
-                raise
-            log.warning("storage unavailable (%s); retrying", first_line(exc))
-            time.sleep(backoff(attempt))
-            attempt += 1
-            continue
-        finally:
-            lock.release()  # already released by the objective, unless it never started
-        outage_started, attempt = 0.0, 0
-        status.update(trial=None, step=None, tokens_per_second=None)
+        action, trial = retry_transient(lambda: _claim(study, spec, lock, status.engine),
+                                        patience=patience, what=f"worker {index}: claim a trial")
         if action == "done":
             break
         if action == "wait":
             # Trials still run elsewhere: one may go stale and be re-queued, so stay.
             time.sleep(min(spec.storage.heartbeat_interval, 10))
             continue
-        last = finished[-1]
-        preempted = last.user_attrs.get("stop_reason") == "preempted"
-        cut_off = objective.last_error is not None and is_transient(objective.last_error)
-        if preempted or (last.state == optuna.trial.TrialState.FAIL and cut_off):
-            requeue(study, last)  # handed back: a worker resumes it from its checkpoint
+        ran += 1
+        told, finished, error = _run_trial(study, trial, objective, spec.storage)
+        status.update(trial=None, step=None, tokens_per_second=None)
+        if finished.state != told:
+            # Failed as stale while it ran (its heartbeats were late: an outage longer than
+            # storage.grace_period, or a machine so loaded the heartbeat thread starved) and
+            # re-queued by another worker; the retry resumes it from its checkpoint.
+            log.warning("trial %s was failed as stale and re-queued meanwhile; its result "
+                        "here is dropped, the retry resumes from its checkpoint",
+                        finished.number)
+            continue
+        # Why this run stopped is this run's own: the exception it raised, never an
+        # attribute a retry inherited from the trial it retries.
+        preempted = isinstance(error, TrialPreempted)
+        if preempted or (error is not None and is_transient(error)):
+            # Handed back (SIGTERM), or cut off by an outage longer than the patience of its
+            # storage calls: a worker resumes it from its checkpoint.
+            retry_transient(functools.partial(_hand_back, study, spec, lock, finished.number),
+                            patience=patience, what=f"re-queue trial {finished.number}")
             if preempted:
                 break
             continue
-        failures = failures + 1 if last.state == optuna.trial.TrialState.FAIL else 0
+        failures = failures + 1 if finished.state == TrialState.FAIL else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
             raise GemmaSearchError(f"worker {index}: {failures} trials in a row failed; "
                                    "see the trials' fail_reason in `gemma-search status` and "
                                    "fix the spec or environment")
-    return len(finished)
+    return ran
+
+
+def _claim(study: Any, spec: StudySpec, lock: StudyLock, engine: Any) -> tuple[str, Any]:
+    """Under the study lock: ("run", the trial `ask` popped from the queue), or ("wait" |
+    "done", None). The pop is inside the lock (see `_claim_trial`); an outage anywhere in
+    it fails the whole claim, which the caller retries from the lock."""
+    lock.acquire()
+    try:
+        action = _claim_trial(study, spec, engine)
+        return action, (study.ask() if action == "run" else None)
+    finally:
+        lock.release()
+
+
+def _run_trial(study: Any, trial: Any, objective: Callable[[Any], float],
+               storage: StorageSpec) -> tuple[Any, Any, Exception | None]:
+    """Run `objective` on `trial` while heartbeating it, then tell Optuna how it ended.
+
+    Returns the state told, the trial as the storage has it after the tell, and the
+    exception the objective raised (None when it returned or pruned). A tell that fails is
+    told again once the server answers, for up to `storage.reconnect_seconds`: a worker that
+    is alive never leaves its trial RUNNING.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from gemma_search.objective import TrialPreempted
+
+    patience = float(storage.reconnect_seconds)
+    value: float | None = None
+    error: Exception | None = None
+    with TrialHeartbeat(study._storage, trial._trial_id, storage.heartbeat_interval):
+        try:
+            value = objective(PatientTrial(trial, patience))
+            state = TrialState.FAIL if math.isnan(value) else TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except Exception as exc:
+            state, error = TrialState.FAIL, exc
+
+    def tell() -> Any:
+        # skip_if_finished: a retried tell finds the first one's commit, or the trial failed
+        # as stale by another worker; the caller tells those apart by the state.
+        if state == TrialState.COMPLETE:
+            return study.tell(trial, value, skip_if_finished=True)
+        return study.tell(trial, state=state, skip_if_finished=True)
+
+    finished = retry_transient(tell, patience=patience, what=f"trial {trial.number}: tell")
+    if isinstance(error, TrialPreempted):
+        log.warning("%s; handed back, a worker resumes it from that checkpoint", error)
+    elif error is not None:
+        # A bug keeps its traceback; an error the user can fix is one line.
+        log.warning("trial %s failed: %s", trial.number, first_line(error),
+                    exc_info=None if isinstance(error, GemmaSearchError) else error)
+    elif state == TrialState.FAIL:
+        log.warning("trial %s failed: its value is %s", trial.number, value)
+    return state, finished, error
+
+
+def _hand_back(study: Any, spec: StudySpec, lock: StudyLock, number: int) -> None:
+    """Re-queue failed trial `number` for a worker to resume, unless that happened already.
+
+    Under the study lock, where stale trials are failed and re-queued too
+    (`_claim_trial`): a trial failed as stale by another worker while this one told it
+    FAIL is re-queued once, not twice; and a retried re-queue whose first commit landed
+    finds its trial there.
+    """
+    import optuna
+
+    lock.acquire()
+    try:
+        trials = study.get_trials(deepcopy=False)
+        if any(number in t.system_attrs.get("retry_history", ()) for t in trials
+               if t.number != number):
+            return
+        requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=spec.storage.max_retries, inherit_intermediate_values=True)
+        # A copy: the callback appends to the trial's own retry_history list.
+        requeue(study, copy.deepcopy(next(t for t in trials if t.number == number)))
+    finally:
+        lock.release()
 
 
 def _claim_trial(study: Any, spec: StudySpec, engine: Any = None) -> str:
     """Under the study lock: "run" with a WAITING trial ready to pop, "wait", or "done".
 
     `max_trials` and `max_gpu_hours` hold for the whole study (optuna#2907): a worker adds a
-    trial only while the budget has room, and `optimize` then pops a waiting trial instead of
-    creating one. The lock stays held until the objective starts, so that the pop is inside
-    it too: otherwise two workers could count the same waiting trial and one of them would
-    create a trial past the budget (seen on PostgreSQL with two workers: 7 trials for 6).
+    trial only while the budget has room, and `study.ask` then pops a waiting trial instead
+    of creating one. The lock stays held until that pop (`_claim`): otherwise two workers
+    could count the same waiting trial and one of them would create a trial past the budget
+    (seen on PostgreSQL with two workers: 7 trials for 6).
     """
     import optuna
     from optuna.trial import TrialState
@@ -340,4 +466,4 @@ def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
             study.tell(t.number, state=TrialState.FAIL)
         except (ValueError, RuntimeError):
             continue  # finished meanwhile
-        requeue(study, study.get_trials(deepcopy=False)[t.number])
+        requeue(study, copy.deepcopy(study.get_trials(deepcopy=False)[t.number]))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gemma_search.errors import StorageError
+from gemma_search.errors import StorageError, first_line
 from gemma_search.storage import is_transient, redact, resolve_storage_url
 
 
@@ -42,12 +47,228 @@ def test_redact_hides_the_password() -> None:
     assert "hunter2" not in redact("not a url hunter2")
 
 
-def test_transient_errors_are_read_through_the_chain() -> None:
+# --- is_transient, against the errors the drivers really raise -------------------------------
+
+
+def _raised(operation: Callable[[], object]) -> BaseException:
     try:
-        try:
-            raise RuntimeError("FATAL: sorry, too many clients already")
-        except RuntimeError as inner:
-            raise ValueError("An exception is raised during the commit") from inner
-    except ValueError as outer:
-        assert is_transient(outer)
-    assert not is_transient(ValueError('password authentication failed for user "x"'))
+        operation()
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected an error")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens there once the socket closes
+
+
+def test_a_refused_connection_is_transient_however_it_is_wrapped() -> None:
+    import optuna
+    import psycopg2
+
+    from gemma_search import db
+
+    port = _closed_port()
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/x"
+    refused = _raised(lambda: psycopg2.connect(host="127.0.0.1", port=port, user="postgres"))
+    assert "Connection refused" in str(refused) and is_transient(refused)
+    # Optuna wraps it (StorageInternalError or SQLAlchemy's OperationalError, with .orig)
+    optuna_error = _raised(lambda: optuna.storages.RDBStorage(url))
+    assert is_transient(optuna_error)
+    # and so does gemma-search's own session scope (a StorageError, `from None`)
+    engine = db.make_engine(url)
+    try:
+        ours = _raised(lambda: db.load_study_spec(engine, "any"))
+    finally:
+        engine.dispose()
+    assert isinstance(ours, StorageError) and is_transient(ours)
+
+
+def test_sqlite_busy_is_transient_and_a_missing_folder_is_not(tmp_path: Path) -> None:
+    import sqlite3
+
+    holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    other = sqlite3.connect(tmp_path / "s.db", timeout=0.05, isolation_level=None)
+    busy = _raised(lambda: other.execute("BEGIN IMMEDIATE"))
+    holder.close()
+    other.close()
+    assert "database is locked" in str(busy) and is_transient(busy)
+    missing = _raised(lambda: sqlite3.connect(tmp_path / "no" / "such" / "s.db"))
+    assert not is_transient(missing)
+
+
+def test_a_terminated_session_is_transient(postgres_url: str) -> None:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(postgres_url)
+    conn = psycopg2.connect(host=dsn.host, port=dsn.port, user=dsn.username,
+                            dbname=dsn.database)
+    conn.autocommit = True
+    lost = _raised(lambda: conn.cursor().execute("SELECT pg_terminate_backend("
+                                                 "pg_backend_pid())"))
+    assert "server closed the connection" in str(lost) and is_transient(lost)
+    closed = _raised(lambda: conn.cursor())  # the connection is gone for good
+    assert isinstance(closed, psycopg2.InterfaceError) and is_transient(closed)
+
+
+def test_serialization_failures_and_deadlocks_are_transient(postgres_url: str) -> None:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(postgres_url)
+    a, b = (psycopg2.connect(host=dsn.host, port=dsn.port, user=dsn.username,
+                             dbname=dsn.database) for _ in range(2))
+    try:
+        with a.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS gs_test_race (id int PRIMARY KEY, v int)")
+            cur.execute("INSERT INTO gs_test_race VALUES (1, 0), (2, 0) ON CONFLICT DO NOTHING")
+        a.commit()
+        # 40001: two serializable transactions update the row both read
+        for conn in (a, b):
+            conn.set_session(isolation_level="SERIALIZABLE")
+            conn.cursor().execute("SELECT v FROM gs_test_race WHERE id = 1")
+        a.cursor().execute("UPDATE gs_test_race SET v = 1 WHERE id = 1")
+        a.commit()
+        conflict = _raised(lambda: b.cursor().execute("UPDATE gs_test_race SET v = 2 "
+                                                      "WHERE id = 1"))
+        b.rollback()
+        assert getattr(conflict, "pgcode", None) == "40001" and is_transient(conflict)
+        # 40P01: each holds the row the other one wants
+        for conn in (a, b):
+            conn.set_session(isolation_level="READ COMMITTED")
+        a.cursor().execute("UPDATE gs_test_race SET v = 3 WHERE id = 1")
+        b.cursor().execute("UPDATE gs_test_race SET v = 3 WHERE id = 2")
+        seen: list[BaseException] = []
+        waiter = threading.Thread(target=lambda: seen.append(_raised_or_none(
+            lambda: a.cursor().execute("UPDATE gs_test_race SET v = 4 WHERE id = 2"))))
+        waiter.start()
+        time.sleep(0.3)  # a waits on b's row; now b asks for a's
+        other = _raised_or_none(lambda: b.cursor().execute("UPDATE gs_test_race SET v = 4 "
+                                                           "WHERE id = 1"))
+        waiter.join(timeout=30)
+        deadlocks = [e for e in (*seen, other) if e is not None]
+        assert [getattr(e, "pgcode", None) for e in deadlocks] == ["40P01"]
+        assert is_transient(deadlocks[0])
+    finally:
+        for conn in (a, b):
+            conn.rollback()
+        with a.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS gs_test_race")
+        a.commit()
+        a.close()
+        b.close()
+
+
+def _raised_or_none(operation: Callable[[], object]) -> BaseException | None:
+    try:
+        operation()
+    except Exception as exc:
+        return exc
+    return None
+
+
+def test_errors_a_person_must_fix_are_not_transient(postgres_url: str) -> None:
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    dsn = make_url(postgres_url)
+
+    def connect(**kwargs: object) -> Any:
+        return psycopg2.connect(**{"host": dsn.host, "port": dsn.port, "user": dsn.username,
+                                   "dbname": dsn.database, **kwargs})
+
+    no_database = _raised(lambda: connect(dbname="gs_no_such_database"))
+    assert "does not exist" in str(no_database) and not is_transient(no_database)
+    no_role = _raised(lambda: connect(user="gs_no_such_role"))
+    assert "does not exist" in str(no_role) and not is_transient(no_role)
+    conn = connect()
+    try:
+        syntax = _raised(lambda: conn.cursor().execute("SELEC 1"))
+        assert getattr(syntax, "pgcode", None) == "42601" and not is_transient(syntax)
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_server_that_is_starting_or_full_is_transient() -> None:
+    """Real refusals from clusters of our own: in crash recovery ("starting up", "not yet
+    accepting connections"), a standby without hot standby ("Hot standby mode is
+    disabled"), a full server ("too many clients"); and a wrong password, which is not."""
+    import psycopg2
+
+    from tests.test_outages import ScratchCluster, need_server_binaries
+
+    need_server_binaries()
+
+    def connect(cluster: ScratchCluster, **kwargs: object) -> Any:
+        return psycopg2.connect(**{"host": "127.0.0.1", "port": cluster.port,
+                                   "user": "postgres", "dbname": "postgres",
+                                   "connect_timeout": 5, **kwargs})
+
+    crashed = ScratchCluster(max_connections=4, superuser_reserved_connections=0,
+                             max_wal_senders=0, checkpoint_timeout="1h")
+    try:
+        crashed.start()
+        # A full server: 53300
+        held = [connect(crashed) for _ in range(4)]
+        full = _raised(lambda: connect(crashed))
+        assert "too many clients" in str(full) and is_transient(full)
+        # WAL to replay after a crash, so that recovery lasts long enough to be met.
+        held[0].autocommit = True
+        held[0].cursor().execute("CREATE TABLE w AS SELECT g, md5(g::text) AS h "
+                                 "FROM generate_series(1, 300000) AS g")
+        for conn in held:
+            conn.close()
+        refusals: dict[str, BaseException] = {}
+        for _ in range(3):  # recovery may be too quick to be met once; three crashes
+            crashed.stop("immediate")
+            crashed.start(wait=False)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    connect(crashed).close()
+                    break
+                except psycopg2.OperationalError as exc:
+                    refusals.setdefault(first_line(exc).split("failed: ")[-1], exc)
+                    time.sleep(0.002)
+            if any("FATAL" in text for text in refusals):
+                break
+        assert refusals and all(is_transient(e) for e in refusals.values()), refusals
+        assert any("FATAL" in text for text in refusals), refusals  # 57P03 met
+    finally:
+        crashed.destroy()
+
+    standby = ScratchCluster(hot_standby="off")
+    try:
+        (standby.data / "standby.signal").touch()  # recovery for ever, no connections
+        standby.start(wait=False)
+        refused = wait_for_error(lambda: connect(standby))
+        assert "Hot standby mode is disabled" in str(refused) and is_transient(refused)
+    finally:
+        standby.destroy()
+
+    guarded = ScratchCluster(password="right")
+    try:
+        guarded.start()
+        wrong = _raised(lambda: connect(guarded, password="wrong"))
+        assert "password authentication failed" in str(wrong) and not is_transient(wrong)
+    finally:
+        guarded.destroy()
+
+
+def wait_for_error(operation: Callable[[], object], timeout: float = 30) -> BaseException:
+    """The first error `operation` raises other than "Connection refused" (a server that has
+    not opened its port yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exc = _raised_or_none(operation)
+        if exc is None:
+            raise AssertionError("expected an error")
+        if "Connection refused" not in str(exc):
+            return exc
+        time.sleep(0.05)
+    raise AssertionError(f"still refused after {timeout} s")
