@@ -242,9 +242,14 @@ def status(
     from rich.live import Live
 
     from gemma_search import db
-    from gemma_search.errors import first_line
     from gemma_search.status import render_status, study_status
-    from gemma_search.storage import backoff, is_transient, redact_text, resolve_storage_url
+    from gemma_search.storage import (
+        backoff,
+        cause_line,
+        is_transient,
+        redact_text,
+        resolve_storage_url,
+    )
     from gemma_search.study import load_study
     from gemma_search.verify import load_companion
 
@@ -283,7 +288,7 @@ def status(
                         raise
                     now = time.monotonic()
                     failing_since = failing_since or now
-                    why = redact_text(first_line(exc), url)
+                    why = redact_text(cause_line(exc), url)
                     if now - failing_since >= patience:
                         raise GemmaSearchError(
                             f"storage unreachable for {now - failing_since:.0f} s "

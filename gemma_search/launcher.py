@@ -41,8 +41,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gemma_search.errors import CONFIG_ERROR_EXIT, GemmaSearchError, first_line
-from gemma_search.storage import STORAGE_ENV, redact_text
+from gemma_search.errors import CONFIG_ERROR_EXIT, GemmaSearchError
+from gemma_search.storage import STORAGE_ENV, cause_line, redact_text
 
 __all__ = ["Outcome", "Slot", "Supervisor", "launch", "outcome", "parse_gpus", "restart_delay"]
 
@@ -302,7 +302,7 @@ class _Poller(threading.Thread):
         except Exception as exc:
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
-                why = redact_text(first_line(exc), self._url)
+                why = redact_text(cause_line(exc), self._url)
                 self._say(f"progress: cannot read the study ({why}); the workers go on, "
                           "retrying")
             return

@@ -286,6 +286,7 @@ def retry_connects(engine: Any, patience: float) -> None:
     @event.listens_for(engine, "do_connect")
     def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
         started = time.monotonic()
+        said = ""
         for attempt in itertools.count():
             try:
                 connection = dialect.connect(*cargs, **cparams)
@@ -293,10 +294,11 @@ def retry_connects(engine: Any, patience: float) -> None:
                 waited = time.monotonic() - started
                 if not (is_transient(exc) and waited < patience):
                     raise
-                if attempt == 0:  # one line per outage met, not one per try
+                why = _scrub(first_line(exc), cparams.get("password"))
+                if why != said:  # one line per reason met (refused, recovering), not per try
                     log.warning("storage unavailable (%s); retrying the connection for up to "
-                                "%.0f s", _scrub(first_line(exc), cparams.get("password")),
-                                patience)
+                                "%.0f s", why, patience)
+                    said = why
                 time.sleep(min(backoff(attempt), patience - waited))
                 continue
             if attempt:
@@ -351,6 +353,19 @@ def is_transient(exc: BaseException) -> bool:
         if verdict is not None:
             return verdict
     return False
+
+
+def cause_line(exc: BaseException) -> str:
+    """The first line of the innermost error under Optuna's and SQLAlchemy's wrapping: the
+    driver's own words ("Connection refused"), not Optuna's "An exception is raised during
+    the commit". May quote the URL: pass it through `redact_text` before printing."""
+    root = exc
+    for _ in range(16):
+        below = root.__cause__ or getattr(root, "orig", None)
+        if not isinstance(below, BaseException) or below is root:
+            break
+        root = below
+    return first_line(root)
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -418,7 +433,7 @@ def retry_transient(operation: Callable[[], T], *, patience: float, what: str) -
                 raise
             if attempt == 0:
                 log.warning("%s: storage unavailable (%s); retrying for up to %.0f s", what,
-                            first_line(exc), patience)
+                            cause_line(exc), patience)
             time.sleep(min(backoff(attempt), max(0.0, first_failure + patience - now)))
             continue
         if first_failure is not None:

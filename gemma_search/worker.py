@@ -29,7 +29,13 @@ from typing import Any
 
 from gemma_search.errors import GemmaSearchError, SpecError, first_line
 from gemma_search.spec import StorageSpec, StudySpec
-from gemma_search.storage import StudyLock, backoff, is_transient, retry_transient
+from gemma_search.storage import (
+    StudyLock,
+    backoff,
+    cause_line,
+    is_transient,
+    retry_transient,
+)
 from gemma_search.study import budget_used, gpu_hours_used, load_study, split_args
 
 __all__ = ["PatientTrial", "TrialHeartbeat", "load_resources", "run_worker"]
@@ -153,7 +159,7 @@ def _keep_beating(beat: Callable[[], Any], interval: float, done: threading.Even
         except Exception as exc:
             if failing_since is None:
                 failing_since = time.monotonic()
-                log.warning("%s failed (%s); retrying", what, first_line(exc))
+                log.warning("%s failed (%s); retrying", what, cause_line(exc))
             wait = min(float(interval), backoff(attempt))
             attempt += 1
         else:

@@ -63,10 +63,20 @@ class ScratchCluster:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
 
-    def start(self, *, wait: bool = True) -> None:
-        options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
+    def start(self, *, wait: bool = True, standby: bool = False) -> None:
+        """`standby`: start in standby mode with hot standby off, as a server in recovery
+        that refuses every connection ("the database system is not accepting connections",
+        SQLSTATE 57P03) until `promote`."""
+        settings = {**self.settings, **({"hot_standby": "off"} if standby else {})}
+        if standby:
+            (self.data / "standby.signal").touch()
+        options = " ".join(f"-c {k}={v}" for k, v in settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l",
                   str(self.root / "server.log"), *(["-w"] if wait else ["-W"]), "start")
+
+    def promote(self) -> None:
+        """End a standby start: the server leaves recovery and accepts connections."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "promote")
 
     def stop(self, mode: str = "fast") -> None:
         """`mode`: "fast" (a clean shutdown) or "immediate" (as a crash: recovery follows)."""
@@ -233,8 +243,10 @@ def test_workers_ride_out_a_crash_and_its_recovery(tmp_path: Path, tiny_model: P
                                                    demo_data: tuple[Path, Path],
                                                    cluster: ScratchCluster) -> None:
     """An immediate stop (a crash: the server recovers from its WAL when it starts) while
-    three workers are mid-trial. No worker exits before the budget is spent, no trial is
-    left RUNNING, and the study holds exactly its budget."""
+    three workers are mid-trial, then 5 s of a server in recovery that refuses connections
+    ("not accepting connections", 57P03: it starts as a standby without hot standby, then is
+    promoted). No worker exits before the budget is spent, no trial is left RUNNING, and
+    the study holds exactly its budget."""
     url = cluster.url("gs")
     name = "crash"
     create(fleet_spec(tmp_path, name, tiny_model, demo_data, max_trials=6, max_tokens=4000,
@@ -250,7 +262,9 @@ def test_workers_ride_out_a_crash_and_its_recovery(tmp_path: Path, tiny_model: P
         cluster.stop("immediate")
         down = time.monotonic()
         time.sleep(3)
-        cluster.start(wait=False)  # crash recovery: "not yet accepting connections"
+        cluster.start(wait=False, standby=True)  # crash recovery, then refusals
+        time.sleep(5)
+        cluster.promote()
         wait_for(cluster.accepting, 60, "the server to finish recovery")
         outage = time.monotonic() - down
         assert all(w.poll() is None for w in workers), "a worker exited during the outage"
@@ -268,6 +282,7 @@ def test_workers_ride_out_a_crash_and_its_recovery(tmp_path: Path, tiny_model: P
         assert "Traceback" not in text, text[-4000:]
         assert "budget spent" in text
     assert any("storage unavailable" in text for text in texts), texts  # the outage was met
+    assert any("not accepting connections" in text for text in texts), texts  # and 57P03
     # A new storage: the test's own pooled connections died with the server.
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
@@ -275,7 +290,7 @@ def test_workers_ride_out_a_crash_and_its_recovery(tmp_path: Path, tiny_model: P
     counted = _counted(trials)
     assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted), [
         (t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
-    assert 3 < outage < 60
+    assert 8 < outage < 60
 
 
 def test_a_retry_that_fails_is_a_failure_of_its_own(tmp_path: Path, tiny_model: Path,
@@ -368,3 +383,57 @@ def test_workers_ride_out_a_server_restart(tmp_path: Path, tiny_model: Path,
     assert len(counted) == 6 and all(t.state == TrialState.COMPLETE for t in counted), (
         [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials],
         [o[-3000:] for o in outputs])
+
+
+def test_status_watch_rides_out_a_database_outage(tiny_model: Path,
+                                                  demo_data: tuple[Path, Path],
+                                                  cluster: ScratchCluster) -> None:
+    """`status --watch` through 6 s without a server: it says the storage is unreachable,
+    keeps the last view, and shows the study again once the server is back."""
+    from tests.conftest import finished_study
+
+    url = cluster.url("gs")
+    finished_study(url, "watched", tiny_model, demo_data, ((1e-3, 0.3), (4e-3, 0.2)))
+    import pty
+
+    env = {**os.environ, "GEMMA_SEARCH_STORAGE": url, "COLUMNS": "200", "LINES": "60"}
+    # A terminal: rich redraws the live view there (into a pipe it prints only the last).
+    terminal, child_end = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_search", "status", "watched",
+                             "--watch", "--interval", "0.5"], env=env,
+                            stdout=child_end, stderr=child_end)
+    os.close(child_end)
+    output: list[str] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # the child closed the terminal
+                return
+            if not chunk:
+                return
+            output.append(chunk.decode(errors="replace"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        time.sleep(4)
+        cluster.stop("fast")
+        time.sleep(6)
+        assert proc.poll() is None, "".join(output)[-3000:]
+        cluster.start()
+        time.sleep(4)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(terminal)
+    text = "".join(output)
+    assert proc.returncode == 0, text[-3000:]
+    assert "storage unreachable (" in text and "Connection refused" in text, text[-3000:]
+    assert "Traceback" not in text
+    # drawn again once the server was back: the last view has no outage line
+    assert "best single: trial 1" in text.rsplit("storage unreachable", 1)[1]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from gemma_search.errors import StorageError, first_line
-from gemma_search.storage import is_transient, redact, resolve_storage_url
+from gemma_search.storage import cause_line, is_transient, redact, resolve_storage_url
 
 
 def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,6 +77,7 @@ def test_a_refused_connection_is_transient_however_it_is_wrapped() -> None:
     # Optuna wraps it (StorageInternalError or SQLAlchemy's OperationalError, with .orig)
     optuna_error = _raised(lambda: optuna.storages.RDBStorage(url))
     assert is_transient(optuna_error)
+    assert "Connection refused" in cause_line(optuna_error)  # the driver's words, not Optuna's
     # and so does gemma-search's own session scope (a StorageError, `from None`)
     engine = db.make_engine(url)
     try:
