@@ -113,7 +113,7 @@ def study_checkpoint_dir(spec: StudySpec) -> Path:
 
 
 class Objective:
-    """Callable for `study.optimize`: trains one trial on the worker's resident model."""
+    """Called with each trial the worker asks for: trains it on the worker's resident model."""
 
     def __init__(self, spec: StudySpec, base: BaseModel, data: TaskData, engine: Any, *,
                  on_start: Callable[[], None] | None = None,

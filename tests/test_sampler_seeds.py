@@ -1,9 +1,9 @@
 """Sampler seeds (issue 12, part 5): restarted workers never replay a configuration.
 
 Each run below is `gemma_search.worker.run_worker` itself: the study from `load_study`, the
-sampler from `build_sampler`, a trial claimed under the study lock and sampled inside
-`study.optimize` by `space.trial_config`, as a worker does. Only the training is replaced:
-the objective scores the sampled configuration with a fixed formula, so TPE, GP and CMA-ES
+sampler from `build_sampler`, a trial claimed under the study lock and sampled by
+`space.trial_config` on the trial the worker asked for. Only the training is replaced: the
+objective scores the sampled configuration with a fixed formula, so TPE, GP and CMA-ES
 see the same results on every run. A restart is `run_worker` called again: it loads the
 study and builds its sampler anew, as a new process does.
 """
