@@ -59,6 +59,15 @@ def test_every_shipped_study_loads_and_round_trips(path: Path) -> None:
     assert spec_hash(again) == spec_hash(spec)
 
 
+def test_no_shipped_gpu_study_pins_eager_attention() -> None:
+    """A 9B study pinned to eager would take the slow attention path on every GPU step;
+    `auto` picks flash-attn or flex_attention there (both keep Gemma 2's soft-cap)."""
+    for path in STUDIES:
+        spec = load_spec(path)
+        if "gemma-2-9b" in spec.model.name_or_path:
+            assert spec.model.attn_implementation == "auto", path.name
+
+
 def test_studies_cover_the_required_tasks() -> None:
     tasks = {load_spec(p).task.type for p in STUDIES}
     models = {load_spec(p).model.name_or_path for p in STUDIES}
