@@ -68,7 +68,8 @@ def create_study(spec: StudySpec, url: str,
                                "different spec; change `name` in the spec (or --set "
                                "name=NEW)")
         text, digest = stored
-    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    # Names only: summaries would read every trial of every study in the database.
+    names = set(optuna.get_all_study_names(storage))
     if spec.name in names:
         study = optuna.load_study(study_name=spec.name, storage=storage)
         db.save_study_spec(engine, spec.name, text, digest)
@@ -99,7 +100,8 @@ def load_study(name: str, url: str, *, heartbeat: bool = False,
 
     _quiet_optuna()
     storage = open_storage(url, must_exist=True)
-    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    # Names only: summaries would read every trial of every study in the database.
+    names = sorted(optuna.get_all_study_names(storage))
     if name not in names:
         known = ", ".join(names) if names else "none"
         raise StudyNotFoundError(f"study {name!r} does not exist in {redact(url)} (studies "
