@@ -8,7 +8,8 @@ Optuna stamps the default `alembic_version` table in the same database, so ours 
 then ours.
 
 Every read and write is one `session_scope`: it commits, rolls back, and turns a driver error
-into a one-line `StorageError` that names the likely cause.
+into a one-line `StorageError` that names the likely cause (`storage.storage_errors`). Engines
+come from the one factory, `storage.make_engine` (re-exported here as `make_engine`).
 """
 
 from __future__ import annotations
@@ -34,27 +35,17 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    create_engine,
     delete,
     func,
     select,
     update,
 )
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    IntegrityError,
-    NoSuchModuleError,
-    OperationalError,
-    ProgrammingError,
-    SQLAlchemyError,
-)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
 from gemma_search.errors import StorageError, first_line
-from gemma_search.storage import begin_immediate, redact, redact_text, retry_connects
+from gemma_search.storage import make_engine, open_storage, redact, storage_errors
 
 __all__ = [
     "MIGRATIONS",
@@ -103,7 +94,6 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 WORKER_STATES = ("running", "exited", "failed")
 #: Optuna's `studies.study_name` length: our study names are Optuna's.
 _NAME_LENGTH = 512
-_UPGRADE_HINT = "run `gemma-search db upgrade`"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -250,84 +240,25 @@ class EvalRecord(TypedDict):
 # --- engine and session -----------------------------------------------------------------------
 
 
-def _parse_url(url: str) -> URL:
-    try:
-        return make_url(url)
-    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        raise StorageError(f"storage URL {redact(url)} is not a SQLAlchemy URL; use "
-                           "sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB") from None
-
-
-def make_engine(url: str, *, connect_patience: float = 0.0) -> Engine:
-    """An engine for our tables that holds as few connections as it can.
-
-    `connect_patience`: seconds to keep retrying a refused connection (workers).
-    """
-    shown = redact(url)
-    parsed = _parse_url(url)
-    # Idle connections die during hours-long trials (optuna#5600): ping before use.
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    sqlite = parsed.get_backend_name() == "sqlite"
-    if sqlite:
-        # Many worker processes write one file: wait for its lock instead of failing.
-        kwargs["connect_args"] = {"timeout": 60}
-    else:
-        # Optuna's own pool already holds a worker's connections (design decision 1): ours
-        # opens one per session and closes it, so the server's max_connections is not doubled.
-        kwargs["poolclass"] = NullPool
-    try:
-        engine = create_engine(url, **kwargs)
-    except (NoSuchModuleError, ImportError) as exc:
-        raise StorageError(f"storage URL {shown} names a database driver that is not "
-                           f"installed ({first_line(exc)}); use sqlite:///FILE or "
-                           "postgresql+psycopg2://USER@HOST/DB") from None
-    if sqlite:
-        begin_immediate(engine)
-    elif connect_patience > 0:
-        retry_connects(engine, connect_patience)
-    return engine
-
-
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session that commits on success, rolls back on error, and names a driver error."""
-    session = Session(engine, expire_on_commit=False)
-    try:
-        yield session
-        session.commit()
-    except (OperationalError, ProgrammingError) as exc:
-        session.rollback()
-        raise _storage_error(exc, engine) from None
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    """A session that commits on success, rolls back on error, and names a driver error
+    (`storage.storage_errors`), as Optuna's `_create_scoped_session` does for its tables."""
+    with storage_errors(_url(engine)):
+        session = Session(engine, expire_on_commit=False)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
 
 
-def _storage_error(exc: SQLAlchemyError, engine: Engine) -> StorageError:
-    """One line: what failed, where, the driver's first line, and what to do."""
-    url = engine.url.render_as_string(hide_password=False)
-    shown = redact(url)  # the password, also one in the query (?password=), masked
-    orig = getattr(exc, "orig", None)
-    # Driver messages may quote the URL or its parts.
-    reason = redact_text(first_line(orig if orig is not None else exc), url)
-    low = reason.lower()
-    pgcode = getattr(orig, "pgcode", None)
-    if pgcode == "42P01" or "no such table" in low:  # 42P01: undefined_table
-        return StorageError(f"gemma-search tables are missing in {shown} ({reason}); "
-                            f"{_UPGRADE_HINT}")
-    if pgcode == "42703" or "no such column" in low or "has no column" in low:
-        return StorageError(f"gemma-search tables in {shown} are older than this version "
-                            f"({reason}); {_UPGRADE_HINT}")
-    if "database is locked" in low:
-        return StorageError(f"SQLite database {shown} stayed locked for 60 s ({reason}); "
-                            "retry, or use PostgreSQL for many workers")
-    if "unable to open database file" in low:
-        return StorageError(f"cannot open SQLite database {shown} ({reason}); check that "
-                            "its directory exists and is writable")
-    return StorageError(f"storage {shown} failed: {reason}; check the URL, that the server "
-                        "is running and the credentials")
+def _url(engine: Engine) -> str:
+    """The engine's URL as it connects, password included: for `redact` to mask."""
+    return engine.url.render_as_string(hide_password=False)
 
 
 def _now(session: Session) -> datetime:
@@ -395,7 +326,7 @@ def _migrate(url: str, revision: str, *, upward: bool) -> None:
     try:
         # One transaction for the whole migration, handed to env.py (Alembic's cookbook
         # recipe "sharing a connection"): a failed step leaves the schema as it was.
-        with engine.begin() as connection:
+        with storage_errors(url), engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 # Two `db upgrade`s at once would both create the tables; the second waits
                 # here, then finds the version table at head. Released at commit.
@@ -406,8 +337,6 @@ def _migrate(url: str, revision: str, *, upward: bool) -> None:
                 command.upgrade(config, revision)
             else:
                 command.downgrade(config, revision)
-    except (OperationalError, ProgrammingError) as exc:
-        raise _storage_error(exc, engine) from None
     except CommandError as exc:
         raise StorageError(f"cannot migrate gemma-search tables in {redact(url)} to "
                            f"{revision!r}: {first_line(exc)}; known revisions end at "
@@ -426,12 +355,10 @@ def current(url: str) -> str | None:
             and not Path(database).exists()):
         return None  # connecting would create an empty file
     try:
-        with engine.connect() as connection:
+        with storage_errors(url), engine.connect() as connection:
             context = MigrationContext.configure(connection,
                                                  opts={"version_table": VERSION_TABLE})
             revision = context.get_current_revision()
-    except (OperationalError, ProgrammingError) as exc:
-        raise _storage_error(exc, engine) from None
     finally:
         engine.dispose()
     return revision
@@ -439,31 +366,20 @@ def current(url: str) -> str | None:
 
 def upgrade_all(url: str) -> tuple[str, str]:
     """Upgrade Optuna's schema, then ours; return both revisions (Optuna's, ours)."""
-    import optuna
-
-    shown, parsed = redact(url), _parse_url(url)
-    # Workers may be writing a SQLite file meanwhile: wait for its lock as they do.
-    sqlite = parsed.get_backend_name() == "sqlite"
-    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {}
-    try:
-        # skip_compatibility_check: an old Optuna schema is what we are here to upgrade.
-        # Creating the storage creates Optuna's tables where there are none.
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                             skip_compatibility_check=True)
-    except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:
-        reason = redact_text(first_line(exc), url)
-        raise StorageError(f"cannot connect to storage {shown}: {reason}; check the URL, that "
-                           "the server is running and the credentials") from None
+    # check_schema=False: an old Optuna schema is what we are here to upgrade. Opening the
+    # storage creates Optuna's tables where there are none.
+    storage = open_storage(url, check_schema=False)
     # Optuna's env.py calls logging.config.fileConfig(its alembic.ini) when the root logger
     # has no handler: that turns on INFO output and disables every logger made so far. A
     # NullHandler for the length of the call keeps the caller's logging as it was.
     root, quiet = logging.getLogger(), logging.NullHandler()
     root.addHandler(quiet)
     try:
-        storage.upgrade()
-        optuna_revision = storage.get_current_version()
-    except SQLAlchemyError as exc:
-        raise _storage_error(exc, storage.engine) from None
+        # Optuna's migration builds an engine of its own from the URL (its alembic env.py),
+        # outside the factory; it holds one connection for the length of the upgrade.
+        with storage_errors(url):
+            storage.upgrade()
+            optuna_revision = storage.get_current_version()
     finally:
         root.removeHandler(quiet)
         storage.engine.dispose()
@@ -493,7 +409,7 @@ def _insert_spec(engine: Engine, study_name: str, spec_text: str, spec_hash: str
             session.add(GsStudy(study_name=study_name, spec_text=spec_text,
                                 spec_hash=spec_hash, created_at=_now(session)))
         elif row.spec_hash != spec_hash:
-            shown = redact(engine.url.render_as_string(hide_password=False))
+            shown = redact(_url(engine))
             raise StorageError(f"study {study_name!r} already exists in {shown} with a "
                                "different spec; change `name` in the spec (or --set name=NEW)")
 

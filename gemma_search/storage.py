@@ -1,9 +1,17 @@
-"""Open Optuna's RDBStorage the way a fleet needs it, and keep passwords out of every message.
+"""One way to reach the database, and passwords kept out of every message.
 
 SQLite (`sqlite:///gemma_search.db`) is the default for one machine; PostgreSQL
 (`postgresql+psycopg2://USER:PASSWORD@HOST/DB`) for many. The URL comes from `--storage`, the
 environment variable `GEMMA_SEARCH_STORAGE`, a file named by `GEMMA_SEARCH_STORAGE_FILE`, or
 the spec, in that order.
+
+Every connection gemma-search makes is built here (design decision 1): `make_engine` for a
+SQLAlchemy engine (our tables, migrations, the study lock), `open_storage` for Optuna's
+`RDBStorage`, both from the same engine options (no pool on PostgreSQL; SQLite's lock timeout
+and `BEGIN IMMEDIATE`; connection retries for `storage.reconnect_seconds`). A driver error
+met there becomes one `StorageError` in one place (`storage_errors`, after Optuna's
+`_create_scoped_session`), and every secret is masked by one scrubber (`redact`,
+`redact_text`).
 """
 
 from __future__ import annotations
@@ -15,11 +23,16 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, quote_plus, unquote
 
 from gemma_search.errors import StorageError, first_line
+
+if TYPE_CHECKING:  # sqlalchemy is imported when a database is used, not by `--help`
+    from sqlalchemy import Engine
+    from sqlalchemy.engine import URL
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -31,13 +44,16 @@ __all__ = [
     "backoff",
     "begin_immediate",
     "has_password",
+    "cause_line",
     "is_transient",
-    "retry_connects",
-    "retry_transient",
+    "make_engine",
     "open_storage",
     "redact",
     "redact_text",
     "resolve_storage_url",
+    "retry_connects",
+    "retry_transient",
+    "storage_errors",
     "without_password",
 ]
 
@@ -177,10 +193,39 @@ def _secrets(url: str) -> list[str]:
                          unquote(str(secret))}]
 
 
+# --- the one factory: every engine and storage -------------------------------------------------
+
+_URL_HINT = "use sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB"
+_UPGRADE_HINT = "run `gemma-search db upgrade`"
+#: Seconds a SQLite connection waits for another process's write lock before "database is
+#: locked": many worker processes write one file.
+_SQLITE_TIMEOUT = 60
+
+
+def make_engine(url: str, *, connect_patience: float = 0.0) -> Engine:
+    """A SQLAlchemy engine on `url`, built as every engine of gemma-search is (design
+    decision 1): for our tables (`db`), their migrations and the study lock.
+
+    `connect_patience`: seconds to keep retrying a refused connection (workers); 0 for
+    commands a person runs, which fail at once. Nothing connects until the engine is used.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import NoSuchModuleError
+
+    parsed = _parse_or_fail(url)
+    try:
+        engine = create_engine(url, **_engine_options(parsed))
+    except (NoSuchModuleError, ImportError) as exc:  # a driver that is not installed
+        raise _storage_error(exc, url) from None
+    _prepare(engine, connect_patience)
+    return engine
+
+
 def open_storage(url: str, *, must_exist: bool = False,
                  heartbeat: tuple[int, int, int] | None = None,
-                 connect_patience: float = 0.0) -> Any:
-    """An `optuna.storages.RDBStorage` on `url`, connected and checked.
+                 connect_patience: float = 0.0, check_schema: bool = True) -> Any:
+    """An `optuna.storages.RDBStorage` on `url`, connected and checked, its engine built
+    with `make_engine`'s options and hooks.
 
     `must_exist`: for commands that read a study (status, export, worker), a SQLite file that
     is not there is an error instead of a new empty database.
@@ -189,47 +234,35 @@ def open_storage(url: str, *, must_exist: bool = False,
     values. The worker records the heartbeats itself (`gemma_search.worker`).
     `connect_patience`: seconds a worker keeps retrying a connection the server refuses
     (restarting, "too many clients"); commands run by a person fail at once.
+    `check_schema`: False for `db upgrade`, which opens an older Optuna schema to upgrade it.
     """
     import optuna
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    from sqlalchemy.exc import SQLAlchemyError
 
-    shown = redact(url)
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        raise StorageError(f"storage URL {shown} is not a SQLAlchemy URL; use "
-                           "sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB") from None
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    parsed = _parse_or_fail(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if must_exist and database not in ("", ":memory:") and not Path(database).exists():
-            raise StorageError(f"storage {shown} does not exist (no file {database}); create "
-                               "a study first with `gemma-search create SPEC` or pass --storage")
-        # Several worker processes write one SQLite file: wait for its lock, do not fail.
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        from sqlalchemy.pool import NullPool
-
-        # No pool: a connection lives for one operation. Plain Optuna holds about two per
-        # worker for the worker's life (measured: 32 workers held 67), so 64 workers exhaust
-        # a default server (max_connections=100); and idle connections die during
-        # hours-long trials anyway (optuna#5600). Opening one costs milliseconds per
-        # operation; a trial makes a few operations a minute.
-        engine_kwargs["poolclass"] = NullPool
-    kwargs: dict[str, Any] = {}
+            raise StorageError(f"storage {redact(url)} does not exist (no file {database}); "
+                               "create a study first with `gemma-search create SPEC` or pass "
+                               "--storage")
+    kwargs: dict[str, Any] = {"skip_compatibility_check": not check_schema}
     if heartbeat is not None:
         interval, grace, retries = heartbeat
-        kwargs = {
+        kwargs |= {
             "heartbeat_interval": interval,
             "grace_period": grace,
             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=retries, inherit_intermediate_values=True),
         }
+    # Optuna builds the engine itself from these options, and connects while it is built
+    # (tables, version check): that first connection is retried here, the later ones by the
+    # hooks `_prepare` adds.
     deadline = time.monotonic() + connect_patience
     for attempt in itertools.count():
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_options(parsed),
+                                                 **kwargs)
             break
         except Exception as exc:
             # Optuna wraps a refused connection in StorageInternalError: read the chain.
@@ -240,15 +273,110 @@ def open_storage(url: str, *, must_exist: bool = False,
                      optuna.exceptions.OptunaError)
             if not isinstance(exc, known):
                 raise
-            reason = redact_text(first_line(exc.__cause__ or exc), url)
-            raise StorageError(f"cannot connect to storage {shown}: {reason}; check the URL, "
-                               "that the server is running and the credentials") from None
-    if connect_patience > 0:
-        retry_connects(storage.engine, connect_patience)
+            raise _storage_error(exc, url, connecting=True) from None
+    _prepare(storage.engine, connect_patience)
     if parsed.get_backend_name() == "sqlite":
-        begin_immediate(storage.engine)
         storage.engine.dispose()  # connections opened before the hooks are dropped
     return storage
+
+
+@contextmanager
+def storage_errors(url: str, *, connecting: bool = False) -> Iterator[None]:
+    """Database work inside raises a driver error as one `StorageError`: one line, the
+    password masked, the likely cause and what to do (Optuna's `_create_scoped_session`).
+
+    Translated: every error the driver raised (SQLAlchemy's `DBAPIError`: server,
+    connection, schema) but an IntegrityError, which is the caller's to handle (a row another
+    worker inserted first). Anything else is a bug and keeps its traceback. The
+    `StorageError` keeps the driver's error as its context, so `is_transient` still tells an
+    outage from a mistake.
+    `connecting`: the block opens the database; a generic failure reads "cannot connect".
+    """
+    from sqlalchemy.exc import DBAPIError, IntegrityError
+
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except DBAPIError as exc:
+        raise _storage_error(exc, url, connecting=connecting) from None
+
+
+def _parse_or_fail(url: str) -> URL:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise StorageError(f"storage URL {redact(url)} is not a SQLAlchemy URL; "
+                           f"{_URL_HINT}") from None
+
+
+def _engine_options(parsed: URL) -> dict[str, Any]:
+    """`create_engine`'s arguments for every engine, ours and Optuna's alike."""
+    # A pooled connection idle through an hours-long trial may be dead: ping it first
+    # (optuna#5600). A new connection is never pinged, so with no pool this costs nothing.
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "sqlite":
+        # Several worker processes write one SQLite file: wait for its lock, do not fail.
+        options["connect_args"] = {"timeout": _SQLITE_TIMEOUT}
+    else:
+        from sqlalchemy.pool import NullPool
+
+        # No pool: a connection lives for one operation. Plain Optuna holds about two per
+        # worker for the worker's life (measured: 32 workers held 66), so a default server
+        # (max_connections=100) refuses workers from about 50 on; and idle connections die
+        # during hours-long trials anyway (optuna#5600). Opening one costs milliseconds per
+        # operation; a trial makes a few operations a minute.
+        options["poolclass"] = NullPool
+    return options
+
+
+def _prepare(engine: Engine, connect_patience: float) -> None:
+    """The hooks every engine gets: SQLite's BEGIN IMMEDIATE, connection retries."""
+    if engine.dialect.name == "sqlite":
+        begin_immediate(engine)
+    if connect_patience > 0:
+        retry_connects(engine, connect_patience)
+
+
+def _storage_error(exc: BaseException, url: str, *, connecting: bool = False) -> StorageError:
+    """One line: what failed, where (password masked), the driver's words, what to do.
+
+    Decided by error type, SQLSTATE and SQLite's result code, with one exception: SQLite
+    reports a missing table or column as a plain SQLITE_ERROR, with only its words to tell.
+    """
+    import sqlite3
+
+    from sqlalchemy.exc import NoSuchModuleError
+
+    shown = redact(url)
+    reason = redact_text(cause_line(exc), url)  # driver messages may quote the URL
+    chain = list(_causes(exc))
+    if any(isinstance(link, NoSuchModuleError | ImportError) for link in chain):
+        return StorageError(f"storage URL {shown} names a database driver that is not "
+                            f"installed ({reason}); {_URL_HINT}")
+    pgcode = next((code for link in chain if (code := getattr(link, "pgcode", None))), None)
+    sqlite_code = next(((getattr(link, "sqlite_errorcode", 0) or 0) & 0xFF for link in chain
+                        if isinstance(link, sqlite3.Error)), None)
+    low = reason.lower()
+    if pgcode == "42P01" or (sqlite_code is not None and "no such table" in low):
+        return StorageError(f"gemma-search tables are missing in {shown} ({reason}); "
+                            f"{_UPGRADE_HINT}")
+    if pgcode == "42703" or (sqlite_code is not None
+                             and ("no such column" in low or "has no column" in low)):
+        return StorageError(f"gemma-search tables in {shown} are older than this version "
+                            f"({reason}); {_UPGRADE_HINT}")
+    if sqlite_code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return StorageError(f"SQLite database {shown} stayed locked for {_SQLITE_TIMEOUT} s "
+                            f"({reason}); retry, or use PostgreSQL for many workers")
+    if sqlite_code == _SQLITE_CANTOPEN:
+        return StorageError(f"cannot open SQLite database {shown} ({reason}); check that "
+                            "its directory exists and is writable")
+    what = f"cannot connect to storage {shown}:" if connecting else f"storage {shown} failed:"
+    return StorageError(f"{what} {reason}; check the URL, that the server is running and "
+                        "the credentials")
 
 
 def begin_immediate(engine: Any) -> None:
@@ -283,6 +411,8 @@ def retry_connects(engine: Any, patience: float) -> None:
     """
     from sqlalchemy import event
 
+    url = engine.url.render_as_string(hide_password=False)
+
     @event.listens_for(engine, "do_connect")
     def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
         started = time.monotonic()
@@ -294,7 +424,7 @@ def retry_connects(engine: Any, patience: float) -> None:
                 waited = time.monotonic() - started
                 if not (is_transient(exc) and waited < patience):
                     raise
-                why = _scrub(first_line(exc), cparams.get("password"))
+                why = redact_text(first_line(exc), url)
                 if why != said:  # one line per reason met (refused, recovering), not per try
                     log.warning("storage unavailable (%s); retrying the connection for up to "
                                 "%.0f s", why, patience)
@@ -337,6 +467,8 @@ _REFUSALS_THAT_PASS = (
 #: SQLite's result codes for "another connection holds the lock" (sqlite3 reports them on
 #: `sqlite_errorcode` since Python 3.11; the extended codes keep them in the low byte).
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+#: "unable to open database file": a folder that is not there or not writable.
+_SQLITE_CANTOPEN = 14
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -482,12 +614,9 @@ class StudyLock:
             fcntl.flock(handle, fcntl.LOCK_EX)
             self._held = handle
         elif self._backend == "postgresql":
-            from sqlalchemy import create_engine, text
-            from sqlalchemy.pool import NullPool
+            from sqlalchemy import text
 
-            engine = create_engine(self._url, poolclass=NullPool)
-            if self._patience > 0:
-                retry_connects(engine, self._patience)
+            engine = make_engine(self._url, connect_patience=self._patience)
             # Poll with pg_try_advisory_lock and hang up between tries: a worker blocked in
             # pg_advisory_lock would sit on a connection, and with many workers those
             # waiting connections fill the server until the holder cannot open the ones its
@@ -532,7 +661,8 @@ class StudyLock:
                          {"k": self._key})
         except DBAPIError as exc:
             # The server dropped the session (a restart): the lock went with it.
-            log.warning("study lock: the session was already gone (%s)", first_line(exc))
+            log.warning("study lock: the session was already gone (%s)",
+                        redact_text(cause_line(exc), self._url))
         finally:
             conn.close()
             engine.dispose()

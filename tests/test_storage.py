@@ -1,4 +1,5 @@
-"""Storage URLs: where they come from, and that a password never shows."""
+"""Storage URLs: where they come from, the one factory that connects to them, and that a
+password never shows."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from typing import Any
 import pytest
 
 from gemma_search.errors import StorageError, first_line
-from gemma_search.storage import cause_line, is_transient, redact, resolve_storage_url
+from gemma_search.storage import (
+    cause_line,
+    is_transient,
+    make_engine,
+    open_storage,
+    redact,
+    resolve_storage_url,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +55,85 @@ def test_redact_hides_the_password() -> None:
         "postgresql+psycopg2://gemma:***@db:5432/gs")
     assert redact("sqlite:///x.db") == "sqlite:///x.db"
     assert "hunter2" not in redact("not a url hunter2")
+
+
+# --- one factory -----------------------------------------------------------------------------
+
+
+def test_no_engine_is_built_outside_the_factory() -> None:
+    """Every engine and Optuna storage of the package and the benchmarks comes from
+    `storage.make_engine` / `open_storage`; the plain-Optuna baseline of
+    bench/storage_load.py hands Optuna a URL on purpose."""
+    files = [*(REPO / "gemma_search").rglob("*.py"), *(REPO / "bench").glob("*.py")]
+    builders = [f"{path.relative_to(REPO)}: {line.strip()}" for path in files
+                if path != REPO / "gemma_search" / "storage.py"
+                for line in path.read_text().splitlines()
+                if "create_engine(" in line or "RDBStorage(" in line]
+    assert builders == []
+
+
+def test_engines_hold_no_pool_on_postgresql_and_lock_sqlite_at_begin(storage_url: str) -> None:
+    """make_engine and open_storage build the same engine: no pool on PostgreSQL (design
+    decision 1); on SQLite a 60 s lock timeout and BEGIN IMMEDIATE, so a transaction holds
+    the write lock from its first statement, a read included."""
+    import sqlite3
+
+    from sqlalchemy import event, text
+    from sqlalchemy.pool import NullPool
+
+    from gemma_search import db
+
+    assert db.make_engine is make_engine
+    storage = open_storage(storage_url)
+    engines = [make_engine(storage_url), storage.engine]
+    driver_args: list[dict[str, Any]] = []  # what each new connection was opened with
+    try:
+        for engine in engines:
+            if engine.dialect.name == "postgresql":
+                assert isinstance(engine.pool, NullPool)
+                continue
+            event.listen(engine, "do_connect", lambda *args: driver_args.append(args[3]))
+            with engine.begin() as conn:
+                conn.execute(text("SELECT 1"))
+                assert driver_args.pop()["timeout"] == 60
+                other = sqlite3.connect(engine.url.database or "", timeout=0,
+                                        isolation_level=None)
+                try:
+                    with pytest.raises(sqlite3.OperationalError, match="locked"):
+                        other.execute("BEGIN IMMEDIATE")
+                finally:
+                    other.close()
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_one_cause_one_message_on_every_path(tmp_path: Path) -> None:
+    """The same failure reads the same whether opening Optuna's storage, upgrading, or using
+    our tables met it (one translation: `storage.storage_errors`)."""
+    from gemma_search import db
+
+    def messages(url: str) -> set[str]:
+        found = set()
+        for call in (lambda: open_storage(url), lambda: db.upgrade_all(url),
+                     lambda: db.load_study_spec(make_engine(url), "x")):
+            error = _raised(call)
+            assert isinstance(error, StorageError), error
+            found.add(str(error).replace("storage postgresql", "to storage postgresql"))
+        return found
+
+    no_folder = messages(f"sqlite:///{tmp_path / 'no' / 'such' / 's.db'}")
+    assert len(no_folder) == 1 and "check that its directory exists" in no_folder.pop()
+    no_driver = messages("mysql://gs:S3cr3t@db/gs")
+    assert len(no_driver) == 1
+    assert no_driver.pop() == ("storage URL mysql://gs:***@db/gs names a database driver "
+                               "that is not installed (No module named 'MySQLdb'); use "
+                               "sqlite:///FILE or postgresql+psycopg2://USER@HOST/DB")
+    refused = messages(f"postgresql+psycopg2://gs:S3cr3t@127.0.0.1:{_closed_port()}/gs")
+    # Opening says "cannot connect to storage ...", a session "storage ... failed: ...";
+    # the driver's own words either way, never the wrapper's "(psycopg2.OperationalError)".
+    assert all("Connection refused" in m and "S3cr3t" not in m and "(psycopg2" not in m
+               for m in refused), refused
 
 
 # --- is_transient, against the errors the drivers really raise -------------------------------

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from alembic import context
-from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
 from gemma_search.db import VERSION_TABLE, Base, include_object
+from gemma_search.storage import make_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -56,7 +56,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    engine = make_engine(_url())  # the one factory: no pool on PostgreSQL, SQLite's hooks
     try:
         with engine.connect() as connection:
             _run(connection)
