@@ -187,7 +187,10 @@ def worker(
             raise  # one line and exit code 1 (`_user_errors`): `launch` restarts the worker
         typer.echo(f"error: {_printable(str(exc))}", err=True)
         raise typer.Exit(CONFIG_ERROR_EXIT) from None
-    why = "stopped by signal, running trial re-queued" if stop.requested else "budget spent"
+    why = "budget spent"
+    if stop.requested:  # a signal between trials, or while one ran
+        why = ("stopped by signal between trials" if stop.handed_back is None else
+               f"stopped by signal, trial {stop.handed_back} checkpointed and re-queued")
     typer.echo(f"worker {index}: ran {ran} trial{'' if ran == 1 else 's'}; {why}")
 
 

@@ -226,6 +226,8 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.handed_back: int | None = None
+        """The trial this worker checkpointed and re-queued on the signal, if one ran."""
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -314,6 +316,7 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
             retry_transient(functools.partial(_hand_back, study, spec, lock, finished.number),
                             patience=patience, what=f"re-queue trial {finished.number}")
             if preempted:
+                stop.handed_back = finished.number
                 break
             continue
         failures = failures + 1 if finished.state == TrialState.FAIL else 0

@@ -178,7 +178,9 @@ def test_sigterm_to_a_worker_prints_one_calm_line_and_no_traceback(
     assert worker.returncode == 0, text[-3000:]
     assert "Traceback" not in text and "failed with" not in text
     assert "handed back, a worker resumes it from that checkpoint" in text
-    assert "worker 0: ran 1 trial; stopped by signal, running trial re-queued" in text
+    running = study.get_trials(deepcopy=False)[0].number
+    assert (f"worker 0: ran 1 trial; stopped by signal, trial {running} checkpointed and "
+            "re-queued") in text
 
 
 def _launch_process(name: str, url: str, *args: str) -> subprocess.Popen[bytes]:
