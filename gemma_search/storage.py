@@ -588,8 +588,12 @@ class StudyLock:
     PostgreSQL: a session advisory lock, on a connection opened for the hold and closed after.
     A server restart during the hold ends the session and the lock with it; whatever the
     holder does next under the lock meets the same outage, fails, and is retried from
-    `acquire`. SQLite: an flock on a file beside the database (SQLite is one machine's
-    storage anyway). `release` may be called more than once; only the first call releases.
+    `acquire`. The hold is one transaction on that connection, from the try that gets the
+    lock to the unlock (SQLAlchemy begins it, closing the connection ends it): a pgbouncer
+    in transaction mode therefore keeps the lock's server connection for the whole hold, as
+    session mode does (measured in docs/benchmarks.md). SQLite: an flock on a file beside
+    the database (SQLite is one machine's storage anyway). `release` may be called more than
+    once; only the first call releases.
     """
 
     def __init__(self, url: str, study_name: str, *, connect_patience: float = 0.0) -> None:

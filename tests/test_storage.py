@@ -136,6 +136,41 @@ def test_one_cause_one_message_on_every_path(tmp_path: Path) -> None:
                for m in refused), refused
 
 
+def test_the_study_lock_is_held_in_one_transaction(postgres_url: str) -> None:
+    """The advisory lock is a session lock, but its hold is one open transaction: what keeps
+    it on one server connection behind a pgbouncer in transaction mode, and what lets a
+    second worker in only after the unlock."""
+    from sqlalchemy import text
+
+    from gemma_search.storage import StudyLock
+
+    def holders() -> list[tuple[str, bool]]:
+        engine = make_engine(postgres_url)
+        try:
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.execute(text(
+                    "SELECT a.state, l.granted FROM pg_locks l JOIN pg_stat_activity a "
+                    "USING (pid) WHERE l.locktype = 'advisory' AND a.datname = "
+                    "current_database()"))]
+        finally:
+            engine.dispose()
+
+    first, second = StudyLock(postgres_url, "txn"), StudyLock(postgres_url, "txn")
+    first.acquire()
+    try:
+        assert holders() == [("idle in transaction", True)]
+        waiter = threading.Thread(target=second.acquire, daemon=True)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # still polling: the lock is taken
+    finally:
+        first.release()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    second.release()
+    assert holders() == []
+
+
 # --- is_transient, against the errors the drivers really raise -------------------------------
 
 
