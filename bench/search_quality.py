@@ -523,7 +523,7 @@ def main() -> None:
     data = args.data.resolve()
     if not (data / "train.tsv").is_file() or not (data / "dev.tsv").is_file():
         sys.exit(f"no SST-2 at {data}: pass --data FOLDER holding train.tsv and dev.tsv "
-                 "(see ../shared/data/README.md)")
+                 "(the GLUE SST-2 split, tab-separated, with sentence and label columns)")
     scale = QUICK if args.quick else FULL
     if args.trials:
         scale = Scale(**{**scale.__dict__, "max_trials": args.trials})

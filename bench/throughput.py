@@ -7,7 +7,7 @@ Both sides train the same resident model (Gemma 2 9B architecture, random bf16 w
 hub) with LoRA r=16 on all seven linear projections, on the same random token sequences of
 `--seq` tokens, and are timed over the same number of optimizer steps after warm-up:
 
-  plain    what a user writes by hand (`../shared/reference/lora_baseline.py`): eager
+  plain    what a user writes by hand from the transformers and peft docs: eager
            attention, gradient checkpointing, `model(input_ids, labels=...)`, batch 4
   engine   `gemma_search.train.engine.train_trial`, the code a worker runs, with its own
            choices: attention kernel, fused loss, batch plan for the free memory

@@ -1,6 +1,6 @@
 """`gemma-search launch`: worker processes on one machine, one per GPU, supervised.
 
-Each child is a plain `gemma-search worker` process (DESIGN decision 12: no home-made
+Each child is a plain `gemma-search worker` process (docs/design.md, decision 12: no home-made
 scheduler beyond one machine; here the supervisor only restarts what crashed):
 
 - `--gpus all|0,1,3`: one child per GPU, `CUDA_VISIBLE_DEVICES` set to that GPU alone;
