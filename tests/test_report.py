@@ -205,3 +205,123 @@ def test_a_conditional_param_no_trial_has_does_not_break_the_report(tmp_path: Pa
     paths = write_report("cond", url, tmp_path / "out")
     # Drawn over the params every complete trial has (momentum left out), not skipped.
     assert png_size(paths["parallel_coordinate.png"])[0] > 100
+
+
+def _frozen_trials(spec: StudySpec, n: int, seed: int = 0) -> list[Any]:
+    """`n` finished trials of `spec` in memory, as `make_study` adds them: every 3rd pruned."""
+    from optuna.trial import TrialState, create_trial
+
+    rng = random.Random(seed)
+    dists = _distributions(spec)
+    trials = []
+    for number in range(n):
+        params = {"learning_rate": 10 ** rng.uniform(-4, math.log10(3e-2)),
+                  "optimizer": rng.choice(["adamw", "sgd"]), "lora_r": rng.choice([4, 8])}
+        final = _loss(params) + rng.gauss(0, 0.003)
+        pruned = number % 3 == 2
+        curve = {s: final + 1.5 * math.exp(-0.6 * s) for s in range(1, (2 if pruned else
+                                                                         STEPS) + 1)}
+        t = create_trial(params=params, distributions=dists, intermediate_values=curve,
+                         state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
+                         value=curve[max(curve)] if pruned else min(curve.values()))
+        t.number = number
+        trials.append(t)
+    return trials
+
+
+def test_plots_draw_a_bounded_number_of_artists_whatever_the_trials() -> None:
+    """A few hundred trials draw what a few dozen past the threshold draw: no line, point
+    collection or patch per trial (one line per trial took 39 s at 10,000 trials)."""
+    from gemma_search import report
+
+    spec = spec_from_text(demo_spec_text("many", Path("/nonexistent/m"),
+                                         Path("/nonexistent/t.jsonl"),
+                                         Path("/nonexistent/v.jsonl")))
+    trials = _frozen_trials(spec, 600)
+
+    def artists(n: int) -> dict[str, int]:
+        subset = trials[:n]
+        facts = report._Facts(subset, spec, {"importances": {"learning_rate": 0.9,
+                                                             "optimizer": 0.1},
+                                             "importance_note": None,
+                                             "evaluator": "ped-anova"})
+        counted = {}
+        for key, fig in (("intermediate", report.intermediate_values_figure(subset, spec)),
+                         ("history", report._history_figure(facts)),
+                         ("parallel", report._parallel_figure(facts))):
+            ax = fig.axes[0]
+            counted[key] = len(ax.lines) + len(ax.collections) + len(ax.patches)
+        return counted
+
+    few = artists(30)  # 30 trials with evaluations: one line each, as before
+    assert few["intermediate"] >= 30
+    hundreds, more = artists(300), artists(600)
+    assert hundreds == more, (hundreds, more)
+    assert hundreds["intermediate"] <= 2 * report._TOP_LINES, hundreds
+    assert hundreds["history"] <= 2 and hundreds["parallel"] <= 4, hundreds
+
+
+def test_report_reads_the_trials_once_and_ranks_importance_once(
+        storage_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+    from optuna.storages import RDBStorage
+
+    from gemma_search import report
+
+    name = f"once-{tmp_path.name[-16:]}"
+    make_study(storage_url, name)
+    reads: list[str] = []
+    importances: list[str] = []
+    real_read = report._read_rdb_trials
+    real_get_all = RDBStorage.get_all_trials
+    real_importances = optuna.importance.get_param_importances
+
+    def read(study: Any) -> Any:
+        reads.append("rows")
+        return real_read(study)
+
+    def get_all(self: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append("optuna")
+        return real_get_all(self, *args, **kwargs)
+
+    def importance(*args: Any, **kwargs: Any) -> Any:
+        importances.append("called")
+        return real_importances(*args, **kwargs)
+
+    monkeypatch.setattr(report, "_read_rdb_trials", read)
+    monkeypatch.setattr(RDBStorage, "get_all_trials", get_all)
+    monkeypatch.setattr(optuna.importance, "get_param_importances", importance)
+    paths = write_report(name, storage_url, tmp_path / "out")
+    assert reads == ["rows"] and importances == ["called"]
+    summary = json.loads(paths["summary.json"].read_text())
+    assert list(summary["importances"])[0] == "learning_rate"
+    assert summary["recommendation"]["importances"] == summary["importances"]
+
+
+def test_read_trials_is_what_optuna_reads(storage_url: str, tmp_path: Path) -> None:
+    """The report's own read of Optuna's tables gives Optuna's `get_trials`, field for
+    field: infinite values, system attributes, running and waiting trials included."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from gemma_search.report import read_trials
+
+    name = f"rows-{tmp_path.name[-16:]}"
+    make_study(storage_url, name, n_complete=6, n_pruned=3)
+    study, spec = load_study(name, storage_url)
+    dists = _distributions(spec)
+    study.add_trial(create_trial(
+        params={"learning_rate": 1e-3, "optimizer": "sgd", "lora_r": 8}, distributions=dists,
+        value=float("inf"), intermediate_values={1: float("-inf"), 2: 0.5},
+        system_attrs={"retry_history": [3]}, user_attrs={"nested": {"a": [1, 2]}}))
+    study.enqueue_trial({"learning_rate": 2e-3, "optimizer": "adamw", "lora_r": 4})
+    running = study.ask()
+    running.report(0.7, 1)
+    fresh = optuna.load_study(study_name=name, storage=storage_url)
+    expected = fresh.get_trials(deepcopy=False)
+    got = read_trials(study)
+    assert [t.state for t in got].count(TrialState.RUNNING) == 1
+    assert len(got) == len(expected) == 11
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.__dict__ == theirs.__dict__, (ours, theirs)
+        assert list(ours.params) == list(theirs.params)
