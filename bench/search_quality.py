@@ -4,14 +4,19 @@
     python bench/search_quality.py --data ../shared/data/sst2 --quick        # smoke, < 2 min
 
 On a subset of SST-2 (a dataset the project did not write; read from `--data`, never copied)
-it builds a tiny Gemma 2 whose tokenizer is trained on SST-2 training sentences, then runs
-the same trial budget under each strategy (sampler + pruner) and sampler seed, through the
-project's real path: `study.create_study` in a SQLite file per study, `worker.run_worker`
+it builds a tiny Gemma 2 whose tokenizer is trained on SST-2 training sentences, pretrains it
+as a causal LM on those sentences without their labels (`bench/pretrain_base.py`, cached in
+`--work`; `--random-base` skips this and searches on the random model), then runs the same
+trial budget under each strategy (sampler + pruner) and sampler seed, through the project's
+real path: `study.create_study` in a SQLite file per study, `worker.run_worker`
 in-process (one worker: sequential, reproducible for a sampler seed), trials read back from
 Optuna. Compute is counted in training tokens (`tokens_trained` of every trial, pruned ones
 included). Per strategy it reports the best validation loss (completed trials, as `export`
 picks) and that trial's accuracy, the compute spent, the compute needed to come within 1% of
 the no-pruning best (tpe+none, same seed), and whether it beats random+none at equal compute.
+
+A linear probe of the frozen base (random and pretrained) says how much sentiment it knows
+before any search; the results and the docs section name the base and give its figures.
 
 Raw results go to `--out` (JSON), the table to stdout, the best-so-far-vs-compute plot to
 `--png`; `--write-docs` replaces this benchmark's section of docs/benchmarks.md.
@@ -27,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from datetime import date
@@ -148,9 +154,48 @@ def build_model(data: Path, work: Path) -> Path:
     return make_tiny_model(out, texts, vocab_size=VOCAB, initializer_range=INIT)
 
 
+def prepare_base(data: Path, work: Path, quick: bool, random_base: bool,
+                 threads: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """The base model the searches run on and what the results record about it.
+
+    Pretrained (default): `pretrain_base.ensure_base` on the random tiny model, trained once
+    per settings and data and then reused, with `threads` torch threads (None: its default,
+    1). `random_base`: the random model itself.
+    """
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import pretrain_base as pb
+
+    model = build_model(data, work)
+    probe = pb.QUICK_PROBE if quick else pb.FULL_PROBE
+    if random_base:
+        p = pb.random_probe(model, data, probe)
+        return model, {"kind": "random", "path": str(model),
+                       "probe_settings": p["settings"],
+                       "probe_dev_accuracy": p["random"]["dev_accuracy"],
+                       "probe_random_dev_accuracy": p["random"]["dev_accuracy"],
+                       "probe_pretrained_dev_accuracy": None, "pretrain": None}
+    settings = pb.QUICK_PRETRAIN if quick else pb.FULL_PRETRAIN
+    b = pb.ensure_base(model, data, work, settings, probe, threads=threads or 1)
+    after = b["probe"]["pretrained"]["dev_accuracy"]
+    return Path(b["path"]), {
+        "kind": "pretrained", "path": b["path"], "probe_settings": b["probe"]["settings"],
+        "probe_dev_accuracy": after,
+        "probe_random_dev_accuracy": b["probe"]["random"]["dev_accuracy"],
+        "probe_pretrained_dev_accuracy": after,
+        "pretrain": {k: b[k] for k in ("key", "reused", "settings", "seconds", "threads",
+                                       "train_sentences", "tokens_trained",
+                                       "tokens_per_pass",
+                                       "final_train_loss", "date")}}
+
+
 def run_study(strategy: str, seed: int, model: Path, data: Path, work: Path,
               scale: Scale) -> dict[str, Any]:
-    """One study: create it in its own SQLite file, run one worker to the end, read back."""
+    """One study: create it in its own SQLite file, run one worker to the end, read back.
+
+    `work` holds the study's database and checkpoints: one folder per base model.
+    """
     import optuna
 
     from gemma_search.spec import spec_from_text
@@ -413,6 +458,45 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({model}), no GPU"
 
 
+def base_text(result: dict[str, Any]) -> str:
+    """What the docs say about the base model the searches ran on, from the results."""
+    base = result.get("base")
+    if base is None:  # results from before the base was recorded: the random base
+        return ("The tokenizer is trained on SST-2 training sentences; the base model is "
+                "random (the tiny Gemma 2 of the tests; these results predate the base "
+                "record and the linear probe), so LoRA + the classification head learn the "
+                "task from scratch. The benchmark's spec adds `embed_tokens` to both LoRA "
+                "target sets: the adapters can then learn word meanings.")
+    ps = base["probe_settings"]
+    probe = (f"A linear probe of the frozen base (logistic regression on the mean-pooled "
+             f"last hidden states of {ps['n_train']:,} training sentences, accuracy on "
+             f"`dev.tsv`) gives {base['probe_random_dev_accuracy']:.1%} on the random base")
+    if base["kind"] == "random":
+        return ("The tokenizer is trained on SST-2 training sentences. The base model is "
+                "**random** (the tiny Gemma 2 of the tests, run with `--random-base`), so "
+                "LoRA and the classification head learn the task from scratch and absolute "
+                "accuracies are modest; what is compared is the search. " + probe
+                + ": random 64-wide embeddings carry almost no sentiment, so the benchmark's "
+                "spec adds `embed_tokens` to both LoRA target sets and the adapters can "
+                "learn word meanings.")
+    pt = base["pretrain"]
+    st = pt["settings"]
+    threads = f"{pt['threads']} torch thread" + ("s" if pt["threads"] != 1 else "")
+    return ("The tokenizer is trained on SST-2 training sentences. The base model is the "
+            "tiny Gemma 2 of the tests (64 wide, 2 layers, soft-caps, tied embeddings), "
+            "**pretrained** by `bench/pretrain_base.py` as a causal LM on "
+            f"{pt['train_sentences']:,} SST-2 training sentences without their labels: "
+            f"{st['steps']} steps of {st['batch_size']} x {st['block_size']} tokens "
+            f"({pt['tokens_trained'] / 1e6:.2f} M tokens, "
+            f"{pt['tokens_trained'] / pt['tokens_per_pass']:.1f} passes), AdamW at "
+            f"{st['learning_rate']:g} with warm-up and cosine decay; {pt['seconds']:.0f} s "
+            f"with {threads} on {pt['date']} (cached in `--work` and reused). The searches "
+            "then adapt a base that has seen the language, as LoRA adapts a pretrained "
+            "checkpoint; `--random-base` runs them on the random model instead. " + probe
+            + f" and {base['probe_pretrained_dev_accuracy']:.1%} on the pretrained one. The "
+            "benchmark's spec adds `embed_tokens` to both LoRA target sets.")
+
+
 def docs_section(result: dict[str, Any], png: Path) -> str:
     v = result["versions"]
     sc = result["scale"]
@@ -421,15 +505,12 @@ def docs_section(result: dict[str, Any], png: Path) -> str:
         BEGIN,
         "## Search quality: which sampler and pruner find the best config for less compute",
         "",
-        "`bench/search_quality.py` runs the same trial budget under each strategy (sampler +",
-        "pruner) and sampler seed, on a subset of SST-2 with the tiny Gemma 2 on CPU, through",
-        "the project's real path (`create_study` in SQLite, `run_worker` in-process, one",
-        "worker). The tokenizer is trained on SST-2 training sentences; the base model is",
-        "random (the tiny Gemma 2 of the tests), so LoRA + the classification head learn",
-        "the task from scratch and absolute accuracies are modest; what is compared is the",
-        "search. Random 64-wide embeddings carry almost no sentiment (a linear probe on the",
-        "frozen model's pooled states: 51% dev accuracy), so the benchmark's spec adds",
-        "`embed_tokens` to both LoRA target sets: the adapters can then learn word meanings.",
+        *textwrap.wrap(
+            "`bench/search_quality.py` runs the same trial budget under each strategy "
+            "(sampler + pruner) and sampler seed, on a subset of SST-2 with the tiny Gemma 2 "
+            "on CPU, through the project's real path (`create_study` in SQLite, `run_worker` "
+            "in-process, one worker). " + base_text(result), width=88,
+            break_on_hyphens=False),
         "",
         f"Command, {result['date']}, on the {result['machine']}; torch {v['torch']}, "
         f"transformers {v['transformers']}, optuna {v['optuna']}; the studies' wall times "
@@ -503,9 +584,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None, help="override max_trials")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 3 strategies x 1 seed x 3 small trials")
+    parser.add_argument("--random-base", action="store_true",
+                        help="search on the random tiny model, not the one pretrained on "
+                        "SST-2's training text (for comparison)")
     parser.add_argument("--write-docs", action="store_true",
                         help="replace this benchmark's section of docs/benchmarks.md")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (pretraining the base: 1 unless given)")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="re-render table, plot and docs from a saved --out, no training")
     args = parser.parse_args()
@@ -551,13 +636,18 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("gemma_search").setLevel(logging.ERROR)
     started = time.perf_counter()
-    model = build_model(data, work)
-    print(f"tiny model {model} ready after {time.perf_counter() - started:.0f} s", flush=True)
+    model, base = prepare_base(data, work, args.quick, args.random_base, args.threads)
+    print(f"{base['kind']} base {model} ready after {time.perf_counter() - started:.0f} s; "
+          f"linear probe, dev accuracy: random {base['probe_random_dev_accuracy']:.3f}"
+          + (f", pretrained {base['probe_pretrained_dev_accuracy']:.3f}"
+             if base["kind"] == "pretrained" else ""), flush=True)
+    # Studies on the random base stay where they always were; each other base has its own.
+    runs_work = work if args.random_base else work / f"runs-{model.name}"
     runs = []
     for seed in seeds:  # seed-major: a partial run still compares strategies
         for strategy in strategies:
             t0 = time.perf_counter()
-            r = run_study(strategy, seed, model, data, work, scale)
+            r = run_study(strategy, seed, model, data, runs_work, scale)
             runs.append(r)
             pts = curve(r["trials"])
             print(f"[{time.perf_counter() - started:6.0f} s] {strategy:24s} seed {seed}"
@@ -577,6 +667,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "optuna": optuna.__version__},
         "scale": scale.__dict__,
+        "base": base,
         "seeds": seeds,
         "strategies_run": strategies,
         "pruner_defaults": pruner_defaults,
