@@ -435,6 +435,28 @@ def report(
         typer.echo(str(path))
 
 
+@app.command()
+@_user_errors
+def gc(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    paused: Annotated[bool, typer.Option(
+        "--paused", help="Also paused trials' checkpoints, while the study still runs "
+        "(those trials then stay paused for good).")] = False,
+) -> None:
+    """Delete the checkpoints no trial will resume from: finished trials', and paused
+    trials' once nothing runs or waits in the study."""
+    from gemma_search.promotion import collect_checkpoints
+    from gemma_search.storage import resolve_storage_url
+    from gemma_search.study import load_study
+
+    found, spec = load_study(study, resolve_storage_url(storage))
+    removed, freed = collect_checkpoints(found, spec, paused=paused)
+    typer.echo(f"removed the checkpoints of {len(removed)} trial(s), "
+               f"{freed / 2**20:.1f} MiB" + (f": {', '.join(map(str, removed))}"
+                                             if removed else ""))
+
+
 db_app = typer.Typer(help="gemma-search's own tables (beside Optuna's) and their migrations.",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")

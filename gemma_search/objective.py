@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gemma_search.errors import GemmaSearchError, SpecError, first_line
+from gemma_search.promotion import SEGMENT, is_rung
 from gemma_search.space import trial_config
 from gemma_search.spec import StudySpec
 from gemma_search.storage import retry_transient
@@ -21,8 +22,8 @@ from gemma_search.train.engine import OutOfMemory, train_trial
 from gemma_search.train.model import BaseModel
 from gemma_search.verify import VERIFY_SEED
 
-__all__ = ["Objective", "OptunaReporter", "TrialPreempted", "WorkerStatus", "checkpoint_dir",
-           "study_checkpoint_dir"]
+__all__ = ["Objective", "OptunaReporter", "RungDecision", "TrialPaused", "TrialPreempted",
+           "WorkerStatus", "checkpoint_dir", "study_checkpoint_dir"]
 
 log = logging.getLogger("gemma_search.objective")
 
@@ -32,6 +33,21 @@ LEAK_TOLERANCE_BYTES = 64 * 2**20
 
 class TrialPreempted(GemmaSearchError):
     """The worker was asked to stop; the trial checkpointed and is handed back for retry."""
+
+
+class TrialPaused(Exception):
+    """The trial stopped at a rung (or at its share of the token budget), checkpointed, to
+    be resumed by a promotion (`gemma_search.promotion`). `paused`: what the worker stores
+    in the trial's `paused` system attribute."""
+
+    def __init__(self, number: int, paused: dict[str, Any]) -> None:
+        super().__init__(f"trial {number} paused at evaluation {paused['eval']}")
+        self.paused = paused
+
+
+#: Called at a rung with (trial, evaluation number, tokens trained): whether the trial goes
+#: on, and its new token cap. The worker decides under the study lock.
+RungDecision = Callable[[Any, int, int], tuple[bool, "int | None"]]
 
 
 class WorkerStatus(Protocol):
@@ -52,8 +68,14 @@ class OptunaReporter:
 
     def __init__(self, trial: Any, engine: Any, study_name: str,
                  status: WorkerStatus | None = None, *, prunable: bool = True,
-                 patience: float = 0.0) -> None:
+                 patience: float = 0.0, at_rung: Callable[[int, int], Any] | None = None,
+                 token_cap: int | None = None) -> None:
         self._trial = trial
+        self._at_rung = at_rung
+        """With a pausing scheduler: called with (evaluation, tokens) after each one; None
+        when it is no rung, else (go on?, the new token cap)."""
+        self._cap = token_cap
+        self._last: tuple[int, int] | None = None
         self._prunable = prunable
         self._patience = patience
         self._engine = engine
@@ -67,6 +89,7 @@ class OptunaReporter:
 
         self._trial.report(value, step)
         tokens = int(metrics.get("tokens", 0))
+        self._last = (step, tokens)
         number = self._trial.number
         # record_eval replaces a row of the same index: safe to repeat after a lost answer.
         retry_transient(lambda: db.record_eval(self._engine, self._study_name, number, step,
@@ -83,6 +106,20 @@ class OptunaReporter:
 
     def should_prune(self) -> bool:
         return self._prunable and bool(self._trial.should_prune())
+
+    def should_pause(self) -> bool:
+        if self._at_rung is None or self._last is None:
+            return False
+        decision = self._at_rung(*self._last)
+        if decision is None:
+            return False
+        go_on, cap = decision
+        if go_on:
+            self._cap = cap
+        return not go_on
+
+    def token_cap(self) -> int | None:
+        return self._cap
 
 
 def checkpoint_dir(spec: StudySpec, trial_number: int) -> Path:
@@ -118,8 +155,12 @@ class Objective:
     def __init__(self, spec: StudySpec, base: BaseModel, data: TaskData, engine: Any, *,
                  on_start: Callable[[], None] | None = None,
                  stop_requested: Callable[[], bool] | None = None,
-                 status: WorkerStatus | None = None) -> None:
+                 status: WorkerStatus | None = None,
+                 at_rung: RungDecision | None = None) -> None:
         self.spec = spec
+        self.at_rung = at_rung
+        """With `pruner.pause`: decides at each rung whether the trial goes on (the worker
+        asks under the study lock, `promotion.decide_at_rung`)."""
         self.base = base
         self.data = data
         self.engine = engine
@@ -141,7 +182,7 @@ class Objective:
         except Exception as exc:
             import optuna
 
-            if not isinstance(exc, optuna.TrialPruned):
+            if not isinstance(exc, optuna.TrialPruned | TrialPaused):
                 self.last_error = exc
                 # Best effort: the database may be why we are here; the error is what matters.
                 with contextlib.suppress(Exception):
@@ -172,18 +213,31 @@ class Objective:
             self.status.update(trial=trial.number, step=0, tokens_per_second=None)
         # A duplicate checkpoint row after a lost answer is harmless: the newest step wins.
         patience = float(self.spec.storage.reconnect_seconds)
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False)
+                      if t.number == trial.number)
+        segment = frozen.system_attrs.get(SEGMENT) or {}
+        resume_from = (self._own_checkpoint(trial) if segment.get("resume")
+                       else self._predecessor_checkpoint(trial))
         checkpointing = Checkpointing(
             directory=checkpoint_dir(self.spec, trial.number),
             every_steps=self.spec.checkpoints.every_steps,
             keep_last=self.spec.checkpoints.keep_last,
-            resume_from=self._predecessor_checkpoint(trial),
+            resume_from=resume_from,
             on_saved=lambda step, tokens, path: retry_transient(
                 lambda: db.record_checkpoint(self.engine, self.spec.name, trial.number, step,
                                              tokens, str(path)),
                 patience=patience, what=f"trial {trial.number}: record checkpoint"))
         # A verification run is never pruned: stopped early, it would measure nothing.
+        rung = None
+        if self.at_rung is not None and not verifying:
+            def rung(evaluation: int, tokens: int) -> tuple[bool, int | None] | None:
+                if not is_rung(self.spec, evaluation):
+                    return None
+                assert self.at_rung is not None
+                return self.at_rung(trial, evaluation, tokens)
         reporter = OptunaReporter(trial, self.engine, self.spec.name, self.status,
-                                  prunable=not verifying, patience=patience)
+                                  prunable=not verifying, patience=patience, at_rung=rung,
+                                  token_cap=segment.get("cap"))
         try:
             result = train_trial(self.base, self.data, cfg, reporter,
                                  checkpointing=checkpointing,
@@ -202,7 +256,9 @@ class Objective:
             trial.set_user_attr(key, value)
         trial.set_user_attr("tokens_trained", result.tokens_trained)
         trial.set_user_attr("optimizer_steps", result.optimizer_steps)
-        trial.set_user_attr("wall_seconds", round(result.wall_seconds, 3))
+        # Over all its segments, when it paused and was resumed.
+        seconds = float(segment.get("seconds_before", 0.0)) + result.wall_seconds
+        trial.set_user_attr("wall_seconds", round(seconds, 3))
         trial.set_user_attr("peak_memory_bytes", result.peak_memory_bytes)
         trial.set_user_attr("stop_reason", result.stop_reason)
         trial.set_user_attr("resumed_from_step", result.resumed_from_step)
@@ -219,12 +275,32 @@ class Objective:
             "activation_checkpointing": result.activation_checkpointing,
             "memory_plan": result.plan, "setup_seconds": round(result.setup_seconds, 3),
             "teardown_seconds": round(result.teardown_seconds, 3)})
+        if result.stop_reason == "paused":
+            last = result.history[-1] if result.history else None
+            raise TrialPaused(trial.number, {
+                "eval": 0 if last is None else int(last["eval"]),
+                "at_rung": result.paused_at_rung, "tokens": result.tokens_trained,
+                "needs": result.blocked_tokens,
+                "seconds": round(seconds, 3), "best_value": result.value,
+                "value": None if last is None else float(last[self.spec.objective.metric])})
         if result.stop_reason == "preempted":
             raise TrialPreempted(f"trial {trial.number} preempted at step "
                                  f"{result.optimizer_steps}; checkpoint {result.checkpoint}")
         if result.stop_reason in ("pruned", "diverged") or result.value is None:
             raise optuna.TrialPruned(result.stop_reason)
         return result.value
+
+    def _own_checkpoint(self, trial: Any) -> Path:
+        """The checkpoint a paused trial stopped at: its own latest, checked like a
+        predecessor's. Without one it cannot go on where it stopped (its reported values
+        would be repeated from step 0), so it fails with the reason."""
+        from gemma_search import db
+
+        latest = db.latest_checkpoint(self.engine, self.spec.name, [trial.number])
+        if latest is None:
+            raise GemmaSearchError(f"trial {trial.number} was paused but has no checkpoint "
+                                   "recorded; it cannot be resumed")
+        return check_checkpoint(Path(latest["path"]), study_checkpoint_dir(self.spec))
 
     def _predecessor_checkpoint(self, trial: Any) -> Path | None:
         """The latest checkpoint of the trials this one retries (Optuna's retry_history),

@@ -284,6 +284,12 @@ class PrunerSpec:
     """median: evaluations of a trial before it can be pruned."""
     p_threshold: float = 0.1
     """wilcoxon: p-value under which a trial is pruned."""
+    pause: bool = False
+    """asha: a trial reaching a rung pauses there, checkpointed, instead of being judged at
+    once; a worker resumes the best paused trial of the highest rung with room (the top
+    1 / reduction_factor of its results so far), else starts a new trial
+    (`gemma_search.promotion`). A paused trial is never dead: a late bloomer is resumed
+    once enough trials are worse at its rung."""
 
 
 @dataclass(frozen=True)
@@ -300,6 +306,10 @@ class BudgetSpec:
     """Or: evaluate after every this many optimizer steps."""
     max_gpu_hours: float | None = None
     """GPU-hours for the whole study (trial wall time x GPUs), running trials counted."""
+    max_tokens: int | None = None
+    """Training tokens for the whole study, all trials together (pruned and paused ones
+    count what they trained). With `pruner.pause` it holds exactly: each run reserves the
+    tokens to its next rung and stops at that reservation."""
 
 
 @dataclass(frozen=True)
@@ -892,6 +902,10 @@ def _check_rules(spec: StudySpec) -> None:
     if ckpt.keep_last < 1 or (ckpt.every_steps is not None and ckpt.every_steps < 1):
         raise SpecError("checkpoints.keep_last and checkpoints.every_steps must be >= 1; got "
                         f"{ckpt.keep_last} and {ckpt.every_steps}")
+    if spec.pruner.pause and spec.pruner.type != "asha":
+        raise SpecError(f"pruner.pause is true but pruner.type is {spec.pruner.type!r}; "
+                        "pausing at rungs is asynchronous successive halving: set "
+                        "pruner.type: asha, or remove pruner.pause")
     if spec.pruner.min_resource < 1 or spec.pruner.reduction_factor < 2:
         raise SpecError("pruner.min_resource must be >= 1 and pruner.reduction_factor >= 2; "
                         f"got {spec.pruner.min_resource} and {spec.pruner.reduction_factor}")
@@ -921,6 +935,7 @@ _SIZES: dict[tuple[str, str], tuple[float, float]] = {
     ("budget", "eval_every_tokens"): (1, 10**13),
     ("budget", "eval_every_steps"): (1, 10**9),
     ("budget", "max_gpu_hours"): (0, 10**7),
+    ("budget", "max_tokens"): (1, 10**15),
     ("storage", "heartbeat_interval"): (1, 86400),
     ("storage", "grace_period"): (2, 7 * 86400),
     ("storage", "max_retries"): (0, 100),

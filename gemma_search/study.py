@@ -168,6 +168,9 @@ def build_pruner(spec: StudySpec) -> Any:
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource,
                                               max_resource=max_resource,
                                               reduction_factor=p.reduction_factor)
+    if p.type == "asha" and p.pause:
+        # Trials pause at rungs instead; a worker decides what resumes (gemma_search.promotion).
+        return optuna.pruners.NopPruner()
     if p.type == "asha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource,
                                                       reduction_factor=p.reduction_factor)
@@ -187,14 +190,24 @@ def gpu_hours_used(trials: list[Any], now: Any = None) -> float:
     """
     from datetime import datetime
 
+    from optuna.trial import TrialState
+
     total = 0.0
     for t in trials:
+        gpus = float(t.user_attrs.get("gpus", 1))
+        # A trial that paused at a rung (`gemma_search.promotion`) ran in segments: its
+        # start is the last segment's, and the earlier ones are recorded beside it.
+        paused = t.system_attrs.get("paused")
+        if t.state == TrialState.WAITING:
+            total += float(paused["seconds"]) * gpus if paused else 0.0
+            continue
         if t.datetime_start is None:
             continue
         start = t.datetime_start
         # Optuna stores naive local times (datetime.now()): compare like with like.
         end = t.datetime_complete or now or datetime.now(start.tzinfo)
-        total += max(0.0, (end - start).total_seconds()) * float(t.user_attrs.get("gpus", 1))
+        before = float((t.system_attrs.get("segment") or {}).get("seconds_before", 0.0))
+        total += (max(0.0, (end - start).total_seconds()) + before) * gpus
     return total / 3600.0
 
 

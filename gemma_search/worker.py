@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -27,7 +28,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from gemma_search import promotion
 from gemma_search.errors import GemmaSearchError, SpecError, first_line
+from gemma_search.promotion import pausing
 from gemma_search.spec import StorageSpec, StudySpec
 from gemma_search.storage import (
     StudyLock,
@@ -38,7 +41,8 @@ from gemma_search.storage import (
 )
 from gemma_search.study import budget_used, gpu_hours_used, load_study, split_args
 
-__all__ = ["PatientTrial", "TrialHeartbeat", "load_resources", "run_worker"]
+__all__ = ["PatientTrial", "TrialHeartbeat", "load_resources", "remove_checkpoints",
+           "run_worker"]
 
 log = logging.getLogger("gemma_search.worker")
 
@@ -285,7 +289,15 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
 
     patience = float(spec.storage.reconnect_seconds)
     lock = StudyLock(url, spec.name, connect_patience=patience)
-    objective = Objective(spec, base, data, status.engine, stop_requested=stop, status=status)
+    at_rung = None
+    if pausing(spec):
+        def at_rung(trial: Any, evaluation: int, tokens: int) -> tuple[bool, int | None]:
+            return retry_transient(
+                functools.partial(_decide_at_rung, study, spec, lock, trial.number,
+                                  evaluation, tokens),
+                patience=patience, what=f"trial {trial.number}: rung decision")
+    objective = Objective(spec, base, data, status.engine, stop_requested=stop, status=status,
+                          at_rung=at_rung)
     ran = failures = 0
     while not stop.requested:
         action, trial = retry_transient(lambda: _claim(study, spec, lock, status.engine),
@@ -299,6 +311,8 @@ def _trial_loop(study: Any, spec: StudySpec, url: str, index: int, base: Any, da
         ran += 1
         told, finished, error = _run_trial(study, trial, objective, spec.storage)
         status.update(trial=None, step=None, tokens_per_second=None)
+        if pausing(spec) and finished.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            remove_checkpoints(spec, finished.number)  # nothing resumes a finished trial
         if finished.state != told:
             # Failed as stale while it ran (its heartbeats were late: an outage longer than
             # storage.grace_period, or a machine so loaded the heartbeat thread starved) and
@@ -333,10 +347,71 @@ def _claim(study: Any, spec: StudySpec, lock: StudyLock, engine: Any) -> tuple[s
     it fails the whole claim, which the caller retries from the lock."""
     lock.acquire()
     try:
+        if pausing(spec):
+            return _claim_paused(study, spec, engine)
         action = _claim_trial(study, spec, engine)
         return action, (study.ask() if action == "run" else None)
     finally:
         lock.release()
+
+
+def _claim_paused(study: Any, spec: StudySpec, engine: Any) -> tuple[str, Any]:
+    """`_claim` for a study whose trials pause at rungs: the queue, else a promotion, else a
+    new trial (`promotion.claim`). `study.ask` is not used: it would pop paused trials in
+    the order they paused, not by their results."""
+    import optuna
+
+    from gemma_search import db
+
+    optuna.storages.fail_stale_trials(study)
+    if engine is not None:
+        _requeue_orphans(study, spec, engine)
+    budget = spec.budget
+
+    def room(trials: list[Any]) -> bool:
+        hours = budget.max_gpu_hours is None or gpu_hours_used(trials) < budget.max_gpu_hours
+        return budget_used(trials) < budget.max_trials and hours
+
+    def checkpoint_tokens(numbers: list[int]) -> int:
+        latest = None if not numbers or engine is None else db.latest_checkpoint(
+            engine, spec.name, numbers)
+        return 0 if latest is None else int(latest["tokens"])
+
+    return promotion.claim(study, spec, budget_has_room=room,
+                           checkpoint_tokens=checkpoint_tokens)
+
+
+def _decide_at_rung(study: Any, spec: StudySpec, lock: StudyLock, number: int,
+                    evaluation: int, tokens: int) -> tuple[bool, int | None]:
+    """Whether trial `number`, at rung `evaluation`, goes on: under the study lock, so that
+    no claim resumes another trial on the same result meanwhile."""
+    lock.acquire()
+    try:
+        return promotion.decide_at_rung(study, spec, number, evaluation, tokens)
+    finally:
+        lock.release()
+
+
+def _pause(study: Any, trial: Any, paused: dict[str, Any]) -> Any:
+    """Store a trial that stopped at a rung as paused: WAITING, with its `paused` record."""
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    storage.set_trial_system_attr(trial._trial_id, promotion.PAUSED, paused)
+    # The same, in words, where optuna-dashboard shows it (it lists the trial as WAITING).
+    where = "at a rung" if paused["at_rung"] else "at its share of budget.max_tokens"
+    storage.set_trial_user_attr(trial._trial_id, promotion.PAUSED,
+                                f"paused {where} after evaluation {paused['eval']}; best so "
+                                f"far {paused['best_value']}")
+    storage.set_trial_state_values(trial._trial_id, state=TrialState.WAITING)
+    return storage.get_trial(trial._trial_id)
+
+
+def remove_checkpoints(spec: StudySpec, number: int) -> None:
+    """Delete trial `number`'s checkpoint folder (its database rows stay, as history)."""
+    from gemma_search.objective import checkpoint_dir
+
+    shutil.rmtree(checkpoint_dir(spec, number), ignore_errors=True)
 
 
 def _run_trial(study: Any, trial: Any, objective: Callable[[Any], float],
@@ -351,7 +426,7 @@ def _run_trial(study: Any, trial: Any, objective: Callable[[Any], float],
     import optuna
     from optuna.trial import TrialState
 
-    from gemma_search.objective import TrialPreempted
+    from gemma_search.objective import TrialPaused, TrialPreempted
 
     patience = float(storage.reconnect_seconds)
     value: float | None = None
@@ -362,6 +437,11 @@ def _run_trial(study: Any, trial: Any, objective: Callable[[Any], float],
             state = TrialState.FAIL if math.isnan(value) else TrialState.COMPLETE
         except optuna.TrialPruned:
             state = TrialState.PRUNED
+        except TrialPaused as paused:
+            log.info("%s; checkpointed, a promotion resumes it", paused)
+            return TrialState.WAITING, retry_transient(
+                functools.partial(_pause, study, trial, paused.paused), patience=patience,
+                what=f"trial {trial.number}: pause"), None
         except Exception as exc:
             state, error = TrialState.FAIL, exc
 

@@ -55,7 +55,8 @@ class TrainResult:
     metrics: dict[str, float]
     """All validation metrics at the best evaluation."""
     stop_reason: str
-    """completed | early_stopped | pruned | diverged | preempted."""
+    """completed | early_stopped | pruned | diverged | preempted | paused (at a rung, or at
+    the token cap: `paused_at_rung` tells which)."""
     tokens_trained: int
     optimizer_steps: int
     wall_seconds: float
@@ -64,6 +65,10 @@ class TrainResult:
     """One row per evaluation: eval, step, tokens and the metrics."""
     resumed_from_step: int = 0
     """Optimizer steps restored from a checkpoint (0: a fresh start)."""
+    paused_at_rung: bool = False
+    """Paused: at an evaluation the reporter chose (True), or short of it at its token cap."""
+    blocked_tokens: int = 0
+    """Paused at the token cap: the tokens of the optimizer step that did not fit."""
     oom_events: list[dict[str, int]] = field(default_factory=list)
     """Each out-of-memory retry: the step and the micro-batch it fell back to."""
     checkpoint: Path | None = None
@@ -206,11 +211,22 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
     stop_reason = "completed"
     model.train()
     setup_seconds = time.monotonic() - entered
+    should_pause = getattr(reporter, "should_pause", None)
+    token_cap = getattr(reporter, "token_cap", None)
+    paused_at_rung, blocked_tokens = False, 0
     while state.step < total_steps:
         if stop_requested is not None and stop_requested():
             checkpoint()
             stop_reason = "preempted"
             break
+        cap = None if token_cap is None or ckpt is None else token_cap()
+        if cap is not None:
+            upcoming = stream.peek(cfg.effective_batch_size)
+            needs = sum(len(train_set[i]["input_ids"]) for i in upcoming)
+            if state.tokens + needs > cap:
+                checkpoint()  # its share of the study's tokens is spent: pause before it
+                stop_reason, blocked_tokens = "paused", needs
+                break
         window = stream.take(cfg.effective_batch_size)
         window_loss = _train_window(model, train_set, window, data, cfg, state, adapters,
                                     accelerator, optimizer)
@@ -247,8 +263,13 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
         if cfg.early_stopping_patience and state.since_best >= cfg.early_stopping_patience:
             stop_reason = "early_stopped"
             break
-        if ckpt is not None and not ckpt.every_steps:
+        pause = (ckpt is not None and should_pause is not None and state.step < total_steps
+                 and should_pause())
+        if ckpt is not None and (pause or not ckpt.every_steps):
             checkpoint()
+        if pause:
+            stop_reason, paused_at_rung = "paused", True
+            break
         model.train()
 
     # 5. a last evaluation at the end of the run, if the last one was not there already
@@ -273,6 +294,8 @@ def _fit(model: Any, base: BaseModel, data: TaskData, cfg: TrialConfig, reporter
         peak_memory_bytes=_peak_memory(device),
         history=history,
         resumed_from_step=resumed_from,
+        paused_at_rung=paused_at_rung,
+        blocked_tokens=blocked_tokens,
         oom_events=state.oom_events,
         checkpoint=last_saved,
         setup_seconds=setup_seconds,
@@ -402,6 +425,14 @@ class _ExampleStream:
 
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.n, generator=generator).tolist()
+
+    def peek(self, k: int) -> list[int]:
+        """The next `k` indices `take` would return, without moving."""
+        position = self.epoch, self.offset, self._order
+        try:
+            return self.take(k)
+        finally:
+            self.epoch, self.offset, self._order = position
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []

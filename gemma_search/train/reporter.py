@@ -20,6 +20,15 @@ class Reporter(Protocol):
     def should_prune(self) -> bool:
         """True when the run should stop now because it looks weak."""
 
+    def should_pause(self) -> bool:
+        """True when the run should stop here, checkpointed, to be resumed later (a rung of
+        a scheduler that pauses trials, `gemma_search.promotion`). Asked after
+        `should_prune`, at evaluations before the last."""
+
+    def token_cap(self) -> int | None:
+        """The tokens trained (cumulative) the run must not pass: its share of a study-wide
+        token budget. Reaching it, the run pauses, checkpointed. None: no cap."""
+
 
 class NullReporter:
     """A reporter that never prunes: for plain training runs and tests."""
@@ -32,3 +41,9 @@ class NullReporter:
 
     def should_prune(self) -> bool:
         return False
+
+    def should_pause(self) -> bool:
+        return False
+
+    def token_cap(self) -> int | None:
+        return None
