@@ -58,6 +58,12 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "random+none": {"sampler": "random", "pruner": {"type": "none"}},
     "tpe+hyperband(min2,rf2)": {"sampler": "tpe", "pruner": {
         "type": "hyperband", "min_resource": 2, "reduction_factor": 2}},
+    # Trials pause at rungs 1, 3, 9 and the best are resumed (gemma_search.promotion). Its
+    # budget is compute, not a trial count: a third of what the no-pruning search may
+    # train (max_trials x max_tokens_per_trial), with room for as many trials as that buys.
+    "tpe+asha-pause": {"sampler": "tpe", "pruner": {
+        "type": "asha", "pause": "true", "min_resource": 1, "reduction_factor": 3},
+        "token_fraction": 1 / 3, "trials_factor": 5},
 }
 DEFAULT_STRATEGY = "tpe+median"
 REFERENCE = "tpe+none"
@@ -106,7 +112,8 @@ search:
 
 
 def spec_text(name: str, model: Path, data: Path, work: Path, scale: Scale, sampler: str,
-              seed: int, pruner: dict[str, Any]) -> str:
+              seed: int, pruner: dict[str, Any], token_fraction: float | None = None,
+              trials_factor: int = 1) -> str:
     """The study spec: SST-2 subset, a search space like the shipped study sst2_gemma2_9b
     scaled to the tiny model, the strategy's sampler and pruner (unset keys keep the spec
     defaults)."""
@@ -134,9 +141,11 @@ objective: {{metric: val_loss}}
 sampler: {{type: {sampler}, seed: {seed}}}
 pruner: {pruner_yaml}
 budget:
-  max_trials: {scale.max_trials}
+  max_trials: {scale.max_trials * trials_factor}
   max_tokens_per_trial: {scale.max_tokens_per_trial}
   eval_every_tokens: {scale.eval_every_tokens}
+  max_tokens: {'null' if token_fraction is None else
+               round(token_fraction * scale.max_trials * scale.max_tokens_per_trial)}
 checkpoints: {{dir: {work / 'checkpoints' / name}, every_steps: 100000000}}
 """
 
@@ -209,18 +218,27 @@ def run_study(strategy: str, seed: int, model: Path, data: Path, work: Path,
     db_path.parent.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{db_path}"
     spec = spec_from_text(spec_text(name, model, data, work, scale, s["sampler"], seed,
-                                    s["pruner"]))
+                                    s["pruner"], s.get("token_fraction"),
+                                    s.get("trials_factor", 1)))
     reused = db_path.is_file() and _finished_study(name, url, spec)
     if not reused:
         db_path.unlink(missing_ok=True)
         create_study(spec, url)
         run_worker(name, url)
+        optuna.load_study(study_name=name, storage=url).set_user_attr("bench_finished", True)
     study = optuna.load_study(study_name=name, storage=url)
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     finished.sort(key=lambda t: (t.datetime_complete, t.number))
+    # Trials left paused at a rung when the budget ran out trained too. When is not recorded
+    # by trial, so they come first in the compute curve: figures of compute to reach a loss
+    # then err on the high side.
+    paused = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("paused")]
     wall = (finished[-1].datetime_complete - min(t.datetime_start for t in finished)
             ).total_seconds() if finished else 0.0
     trials = [{
+        "number": t.number, "state": "PAUSED", "tokens": int(t.system_attrs["paused"]["tokens"]),
+        "val_loss": None, "accuracy": None, "evals": len(t.intermediate_values),
+        "params": t.params} for t in paused] + [{
         "number": t.number,
         "state": t.state.name,
         "tokens": int(t.user_attrs.get("tokens_trained", 0)),
@@ -257,7 +275,7 @@ def _finished_study(name: str, url: str, spec: Any) -> bool:
         return False
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
     return _agree(yaml.safe_load(stored[0]), yaml.safe_load(dump_spec(spec))) and \
-        done >= spec.budget.max_trials
+        (done >= spec.budget.max_trials or bool(study.user_attrs.get("bench_finished")))
 
 
 def _agree(a: Any, b: Any) -> bool:
@@ -308,7 +326,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         r["total_tokens"] = sum(t["tokens"] for t in r["trials"])
         r["best_val_loss"] = pts[-1][1] if pts else None
         r["best_accuracy"] = pts[-1][2] if pts else None
-        r["n_pruned"] = sum(1 for t in r["trials"] if t["state"] == "PRUNED")
+        r["n_pruned"] = sum(1 for t in r["trials"] if t["state"] in ("PRUNED", "PAUSED"))
         ref = by.get((REFERENCE, r["seed"]))
         ref_best = ref and curve(ref["trials"])
         r["reference_best"] = ref_best[-1][1] if ref_best else None
@@ -357,7 +375,8 @@ def _ms(values: list[Any], fmt: str, scale: float = 1.0) -> str:
 
 
 def table(strategies: dict[str, Any]) -> str:
-    head = ("| strategy | best val loss | accuracy | compute (k tokens) | pruned trials | "
+    head = ("| strategy | best val loss | accuracy | compute (k tokens) | "
+            "pruned or paused trials | "
             f"k tokens to within 1% of {REFERENCE} best (per seed) | vs {RANDOM_BASELINE} "
             "at equal compute (win-tie-loss) | wall s |")
     lines = [head, "|" + " --- |" * 8]
@@ -653,7 +672,8 @@ def main() -> None:
             print(f"[{time.perf_counter() - started:6.0f} s] {strategy:24s} seed {seed}"
                   f"{' (reused)' if r['reused'] else ''}: "
                   f"{len(r['trials'])} trials "
-                  f"({sum(t['state'] == 'PRUNED' for t in r['trials'])} pruned), "
+                  f"({sum(t['state'] in ('PRUNED', 'PAUSED') for t in r['trials'])} "
+                  "pruned or paused), "
                   f"{sum(t['tokens'] for t in r['trials']):,} tokens, best val loss "
                   f"{pts[-1][1] if pts else float('nan'):.4f} in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
