@@ -124,7 +124,8 @@ def importance_evaluator(evaluator: Evaluator = "ped-anova") -> Any:
 
 def recommendation(study: Any, spec: StudySpec, top_fraction: float = 0.2, *,
                    importances: dict[str, float] | None = None,
-                   evaluator: Evaluator = "ped-anova") -> dict[str, Any]:
+                   evaluator: Evaluator = "ped-anova",
+                   trials: list[Any] | None = None) -> dict[str, Any]:
     """Where the best `top_fraction` of complete trials lie, per searched parameter.
 
     Returns a JSON-ready dict::
@@ -140,9 +141,16 @@ def recommendation(study: Any, spec: StudySpec, top_fraction: float = 0.2, *,
          "lines": ["learning_rate: good trials lie in 3.1e-4 .. 1.2e-3 (log), ...", ...]}
 
     `importances`: reuse ones already computed (else `param_importances(study, evaluator)`).
+    `trials`: the study's trials when the caller has read them already
+    (`reads.read_trials`). Either way the study's trials are read once at most: the
+    ranking, the note and the importance evaluator all work on that one list.
     """
+    from gemma_search.reads import frozen_study, read_trials
+
     if not 0 < top_fraction <= 1:
         raise GemmaSearchError(f"top_fraction is {top_fraction} but must be in (0, 1]")
+    # Optuna's evaluator takes a study: one that answers from the list, not the storage.
+    study = frozen_study(study, read_trials(study) if trials is None else trials)
     trials = ranked_trials(study, spec)
     # A region needs a few points to mean anything: at least MIN_TOP_TRIALS when there are.
     n_top = min(len(trials), max(MIN_TOP_TRIALS, math.ceil(top_fraction * len(trials))))

@@ -34,6 +34,7 @@ from gemma_search.hf_config import (
     training_args_kwargs,
 )
 from gemma_search.ranking import ranked_trials
+from gemma_search.reads import read_trials
 from gemma_search.space import fixed_search, trial_config
 from gemma_search.spec import (
     MAX_NAME_CHARS,
@@ -54,17 +55,23 @@ _PACKAGES = ("gemma-search", "torch", "transformers", "peft", "accelerate", "dat
 
 
 def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -> dict[str, Path]:
-    """Write the export files for the best trial of study `name`; return their paths."""
+    """Write the export files for the best trial of study `name`; return their paths.
+
+    The study's trials are read once (`reads.read_trials`), its companion's once when it
+    was verified; the pick, the trial and the leaderboard all come from those lists.
+    """
     import optuna
     import yaml
 
     study, spec = load_study(name, url)
+    trials = read_trials(study)
     # With verification re-runs, the best mean over new seeds; else the best single trial.
-    pick = export_pick(study, spec, load_companion(study, url))
+    # (export_pick reads the companion's trials, once, when there is one.)
+    pick = export_pick(study, spec, load_companion(study, url), trials=trials)
     if pick is None:
         raise StorageError(f"study {name!r} in {redact(url)} has no completed trial yet; run "
                            "workers first (`gemma-search launch`) and export when one finished")
-    best = next(t for t in study.get_trials(deepcopy=False) if t.number == pick["trial"])
+    best = next(t for t in trials if t.number == pick["trial"])
     chosen = pick if pick["by"] == "mean" else None
     if chosen is not None:
         selection: dict[str, Any] = {
@@ -126,13 +133,15 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
         "notes": notes,
     }
     paths["provenance.json"].write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-    _write_leaderboard(paths["leaderboard.csv"], leaderboard(study, spec, top_k))
+    _write_leaderboard(paths["leaderboard.csv"], leaderboard(trials, spec, top_k))
     yaml.safe_load(paths["best_config.yaml"].read_text())  # the file we wrote must parse
     return paths
 
 
 def leaderboard(study: Any, spec: StudySpec, top_k: int) -> list[dict[str, Any]]:
-    """The `top_k` best search trials (`ranking.ranked_trials`), with params and metrics."""
+    """The `top_k` best search trials (`ranking.ranked_trials`), with params and metrics.
+
+    `study`: an Optuna study, or its trials already read (`reads.read_trials`)."""
     rows = []
     for rank, t in enumerate(ranked_trials(study, spec)[:top_k], start=1):
         row: dict[str, Any] = {"rank": rank, "trial": t.number, "value": t.value}

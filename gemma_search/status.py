@@ -14,19 +14,27 @@ __all__ = ["estimate_seconds_left", "render_status", "study_status"]
 
 
 def study_status(study: Any, spec: StudySpec, engine: Any = None,
-                 now: datetime | None = None, *, companion: Any = None) -> dict[str, Any]:
+                 now: datetime | None = None, *, companion: Any = None,
+                 trials: list[Any] | None = None) -> dict[str, Any]:
     """A plain summary of the study (what `status --json` prints).
 
     `engine`: of gemma-search's own tables, for the workers; without it none are listed.
     `companion`: the study of its verification re-runs (`verify.load_companion`), for the
     trial `export` picks; without it the pick ignores re-runs made since the companion
     existed.
+    `trials`: the study's trials when the caller has read them already.
+
+    The study's trials are read once (`reads.read_trials`), the companion's once, and every
+    part of the summary works on those lists: how long this takes grows with the study's
+    trials, never with other studies in the same database, and the statements it issues
+    are the same whatever the number of trials.
     """
     from optuna.trial import TrialState
 
     from gemma_search import db
     from gemma_search.analysis import recommendation
     from gemma_search.ranking import ranked_trials
+    from gemma_search.reads import count_states, read_trials
     from gemma_search.verify import (
         export_pick,
         rerun_progress,
@@ -34,10 +42,10 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
         verification_summary,
     )
 
-    trials = study.get_trials(deepcopy=False)
-    counts = {s.name.lower(): 0 for s in TrialState}
-    for t in trials:
-        counts[t.state.name.lower()] += 1
+    if trials is None:
+        trials = read_trials(study)
+    companion_trials = None if companion is None else read_trials(companion)
+    counts = count_states(trials)
     ranked = ranked_trials(trials, spec)
     best = None
     if ranked:
@@ -50,7 +58,8 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
     used, max_trials = budget_used(trials), spec.budget.max_trials
     verified = []
     if verifies is None:
-        verified = verification_summary(study, spec, companion)
+        verified = verification_summary(study, spec, companion, trials=trials,
+                                        companion_trials=companion_trials)
     else:
         used = max_trials = rerun_progress(trials)[1]
     verification = None if not verified else {
@@ -90,7 +99,8 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
         "device": _device(listed),
         "trials": counts,
         "best": best,
-        "export_pick": None if verifies else export_pick(study, spec, companion),
+        "export_pick": None if verifies else export_pick(study, spec, companion, trials=trials,
+                                                         companion_trials=companion_trials),
         "verification": verification,
         "verifies": verifies,
         "running": running,
@@ -98,7 +108,7 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
         "workers_alive": alive,
         "eta_seconds": estimate_seconds_left(trials, spec, alive, now,
                                              not_created=0 if verifies is not None else None),
-        "recommendation": recommendation(study, spec) if ranked else None,
+        "recommendation": recommendation(study, spec, trials=trials) if ranked else None,
         # The untrained start and the trivial predictor, with the best held against them.
         "baselines": compare_to_baselines(spec, study.user_attrs.get(BASELINES_ATTR),
                                           None if best is None else best["value"]),

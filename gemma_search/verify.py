@@ -131,12 +131,17 @@ def _seed_of(trial: Any, spec: StudySpec) -> int:
     return int(spec.search.seed) if isinstance(spec.search.seed, int) else 0
 
 
-def _reruns(study: Any, companion: Any) -> list[Any]:
+def _reruns(study: Any, companion: Any, *, trials: list[Any] | None = None,
+            companion_trials: list[Any] | None = None) -> list[Any]:
     """Every re-run of `study`: the companion's trials, and tagged trials that an earlier
-    version of gemma-search kept inside the search study."""
-    trials = [*study.get_trials(deepcopy=False),
-              *([] if companion is None else companion.get_trials(deepcopy=False))]
-    return [t for t in trials if is_verification(t)]
+    version of gemma-search kept inside the search study. `trials`, `companion_trials`: the
+    two studies' trials when already read (`reads.read_trials`); read here otherwise."""
+    from gemma_search.reads import read_trials
+
+    own = read_trials(study) if trials is None else trials
+    theirs = ([] if companion is None else
+              read_trials(companion) if companion_trials is None else companion_trials)
+    return [t for t in [*own, *theirs] if is_verification(t)]
 
 
 def enqueue_verification(study: Any, spec: StudySpec, url: str, *, top: int, seeds: int
@@ -180,15 +185,25 @@ def rerun_progress(trials: list[Any]) -> tuple[int, int]:
     return sum(runs.values()), len(runs)
 
 
-def verification_summary(study: Any, spec: StudySpec, companion: Any) -> list[dict[str, Any]]:
+def verification_summary(study: Any, spec: StudySpec, companion: Any, *,
+                         trials: list[Any] | None = None,
+                         companion_trials: list[Any] | None = None) -> list[dict[str, Any]]:
     """Per verified trial: its own value, the new seeds' values, their mean and spread;
-    best mean first. Only completed re-runs count. `companion`: `load_companion(study)`."""
+    best mean first. Only completed re-runs count. `companion`: `load_companion(study)`.
+
+    `trials`, `companion_trials`: the trials of `study` and `companion` when the caller has
+    read them already (`reads.read_trials`); each study is read once here otherwise.
+    """
     from optuna.trial import TrialState
 
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    from gemma_search.reads import read_trials
+
+    if trials is None:
+        trials = read_trials(study)
+    by_number = {t.number: t for t in trials}
     runs: dict[int, list[Any]] = {}
     pending: dict[int, int] = {}
-    for t in _reruns(study, companion):
+    for t in _reruns(study, companion, trials=trials, companion_trials=companion_trials):
         original = int(t.user_attrs[VERIFY_OF])
         if t.state == TrialState.COMPLETE and t.value is not None:
             runs.setdefault(original, []).append(t)
@@ -220,29 +235,44 @@ def verification_summary(study: Any, spec: StudySpec, companion: Any) -> list[di
     return rows
 
 
-def best_by_mean(study: Any, spec: StudySpec, companion: Any) -> dict[str, Any] | None:
+def best_by_mean(study: Any, spec: StudySpec, companion: Any, *,
+                 trials: list[Any] | None = None,
+                 companion_trials: list[Any] | None = None) -> dict[str, Any] | None:
     """The verified trial with the best mean over its new seeds, or None if none is
-    verified yet."""
-    rows = [r for r in verification_summary(study, spec, companion) if r["n"] > 0]
+    verified yet. `trials`, `companion_trials`: as in `verification_summary`."""
+    rows = [r for r in verification_summary(study, spec, companion, trials=trials,
+                                            companion_trials=companion_trials) if r["n"] > 0]
     return rows[0] if rows else None
 
 
-def export_pick(study: Any, spec: StudySpec, companion: Any) -> dict[str, Any] | None:
+def export_pick(study: Any, spec: StudySpec, companion: Any, *,
+                trials: list[Any] | None = None,
+                companion_trials: list[Any] | None = None) -> dict[str, Any] | None:
     """The trial `export` picks, and why; None while no search trial has completed.
 
     `by` is "mean" once re-runs have completed (the best mean over new seeds, with `mean`,
     `std`, `n`, `seeds`, `values`, `verify_trials` and `verify_study`), else "single" (the
     best single trial). `value` is the picked trial's own value; `best_single_trial` and
     `best_single_value` name the best single trial either way.
+
+    `trials`, `companion_trials`: the trials of `study` and `companion` when the caller has
+    read them already (`reads.read_trials`); each study is read once here otherwise.
     """
-    ranked = ranked_trials(study, spec)
+    from gemma_search.reads import read_trials
+
+    if trials is None:
+        trials = read_trials(study)
+    ranked = ranked_trials(trials, spec)
     if not ranked:
         return None
     single = ranked[0]
     pick: dict[str, Any] = {"trial": single.number, "by": "single", "value": single.value,
                             "best_single_trial": single.number,
                             "best_single_value": single.value}
-    best = best_by_mean(study, spec, companion)
+    if companion is not None and companion_trials is None:
+        companion_trials = read_trials(companion)
+    best = best_by_mean(study, spec, companion, trials=trials,
+                        companion_trials=companion_trials)
     if best is not None:
         pick.update({"trial": best["trial"], "by": "mean", "value": best["original_value"],
                      "verify_study": None if companion is None else companion.study_name,
