@@ -168,3 +168,97 @@ def test_a_study_that_pauses_resumes_exactly_and_holds_its_token_budget(
         has = folder.exists() and any(folder.glob("step-*"))
         assert has == is_paused(t), (t.number, t.state.name)
     assert db.latest_checkpoint(engine, name, [target.number]) is not None
+
+
+# --- a fleet: two workers, and a worker killed mid-resume ---------------------------------
+
+
+def fleet_pausing_spec(tmp_path: Path, name: str, model: Path, data: tuple[Path, Path], *,
+                       max_tokens: int, max_trials: int = 12) -> Path:
+    """Short heartbeats, so that a killed worker's trial goes stale in seconds."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(pausing_spec_text(name, model, data, tmp_path / "ckpt",
+                                      max_trials=max_trials, max_tokens=max_tokens)
+                    + "storage: {heartbeat_interval: 1, grace_period: 4}\n")
+    return path
+
+
+def check_nothing_lost(trials: list[Any], budget: int) -> None:
+    """Every trial ended complete or paused (resumable: its checkpoint is there), or crashed
+    and carried on by a retry; the token budget held; no evaluation was run twice."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    for t in trials:
+        assert t.state in (TrialState.COMPLETE, TrialState.WAITING) or (
+            t.state == TrialState.FAIL and t.number in retried), (t.number, t.state.name)
+        assert t.state != TrialState.WAITING or is_paused(t)
+        froms = [r["eval"] for r in t.system_attrs.get("resumes", [])]
+        assert len(froms) == len(set(froms)), (t.number, froms)  # never resumed twice
+        assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+    assert tokens_spent(trials) <= budget
+
+
+def test_two_workers_never_resume_the_same_trial(tmp_path: Path, tiny_model: Path,
+                                                 demo_data: tuple[Path, Path],
+                                                 postgres_url: str) -> None:
+    from tests.test_fleet import create, start_worker
+
+    name = f"pause2-{tmp_path.name[-10:]}"
+    budget = 24_000
+    create(fleet_pausing_spec(tmp_path, name, tiny_model, demo_data, max_tokens=budget),
+           postgres_url)
+    workers = [start_worker(name, postgres_url, i) for i in range(2)]
+    logs = []
+    for w in workers:
+        out, _ = w.communicate(timeout=900)
+        logs.append(out.decode())
+        assert w.returncode == 0, logs[-1][-2000:]
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    check_nothing_lost(trials, budget)
+    assert all(t.state != TrialState.FAIL for t in trials)
+    assert any(t.system_attrs.get("resumes") for t in trials)
+    import re
+
+    ran = [int(re.search(r"ran (\d+) trial", log).group(1)) for log in logs]  # type: ignore[union-attr]
+    assert all(n >= 1 for n in ran), ran  # both workers ran trials
+
+
+def test_kill_9_mid_resume_loses_nothing(tmp_path: Path, tiny_model: Path,
+                                          demo_data: tuple[Path, Path],
+                                          postgres_url: str) -> None:
+    """A worker killed while it runs a resumed trial: the trial goes stale, a retry resumes
+    it from the checkpoint it paused at (or a later one), and the study finishes in budget."""
+    import time
+
+    from tests.test_fleet import create, start_worker, wait_for
+
+    name = f"pausek-{tmp_path.name[-10:]}"
+    budget = 20_000
+    spec = create(fleet_pausing_spec(tmp_path, name, tiny_model, demo_data,
+                                     max_tokens=budget), postgres_url)
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    doomed = start_worker(name, postgres_url, 0)
+
+    def resumed_and_running() -> Any:
+        return next((t for t in study.get_trials(deepcopy=False)
+                     if t.state == TrialState.RUNNING
+                     and (t.system_attrs.get("segment") or {}).get("resume")), None)
+
+    victim = wait_for(resumed_and_running, 600, "a trial resumed from its pause")
+    time.sleep(0.5)  # into its run
+    doomed.kill()
+    doomed.wait()
+    survivor = start_worker(name, postgres_url, 1)
+    out, _ = survivor.communicate(timeout=900)
+    assert survivor.returncode == 0, out.decode()[-2000:]
+    trials = study.get_trials(deepcopy=False)
+    check_nothing_lost(trials, budget)
+    stale = trials[victim.number]
+    if stale.state == TrialState.FAIL:  # killed before it paused again or finished
+        retry = next(t for t in trials if victim.number in t.system_attrs.get(
+            "retry_history", []))
+        assert retry.params == victim.params
+        assert retry.user_attrs.get("resumed_from_trial") == victim.number
+        for step, value in victim.intermediate_values.items():
+            assert retry.intermediate_values[step] == value
+    assert spec.name == name
