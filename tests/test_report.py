@@ -266,45 +266,45 @@ def test_report_reads_the_trials_once_and_ranks_importance_once(
     import optuna
     from optuna.storages import RDBStorage
 
-    from gemma_search import report
+    from gemma_search import reads
 
     name = f"once-{tmp_path.name[-16:]}"
     make_study(storage_url, name)
-    reads: list[str] = []
+    read: list[str] = []
     importances: list[str] = []
-    real_read = report._read_rdb_trials
+    real_read = reads.read_trials
     real_get_all = RDBStorage.get_all_trials
     real_importances = optuna.importance.get_param_importances
 
-    def read(study: Any) -> Any:
-        reads.append("rows")
+    def read_trials(study: Any) -> Any:
+        read.append(study.study_name)
         return real_read(study)
 
     def get_all(self: Any, *args: Any, **kwargs: Any) -> Any:
-        reads.append("optuna")
+        read.append("optuna's get_trials")
         return real_get_all(self, *args, **kwargs)
 
     def importance(*args: Any, **kwargs: Any) -> Any:
         importances.append("called")
         return real_importances(*args, **kwargs)
 
-    monkeypatch.setattr(report, "_read_rdb_trials", read)
+    monkeypatch.setattr(reads, "read_trials", read_trials)
     monkeypatch.setattr(RDBStorage, "get_all_trials", get_all)
     monkeypatch.setattr(optuna.importance, "get_param_importances", importance)
     paths = write_report(name, storage_url, tmp_path / "out")
-    assert reads == ["rows"] and importances == ["called"]
+    assert read == [name] and importances == ["called"]
     summary = json.loads(paths["summary.json"].read_text())
     assert list(summary["importances"])[0] == "learning_rate"
     assert summary["recommendation"]["importances"] == summary["importances"]
 
 
 def test_read_trials_is_what_optuna_reads(storage_url: str, tmp_path: Path) -> None:
-    """The report's own read of Optuna's tables gives Optuna's `get_trials`, field for
-    field: infinite values, system attributes, running and waiting trials included."""
+    """The report's read of Optuna's tables (`reads.read_trials`) gives Optuna's
+    `get_trials`, field for field: infinite values, system attributes, running trials."""
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from gemma_search.report import read_trials
+    from gemma_search.reads import read_trials
 
     name = f"rows-{tmp_path.name[-16:]}"
     make_study(storage_url, name, n_complete=6, n_pruned=3)
