@@ -33,6 +33,7 @@ from gemma_search.hf_config import (
     sft_config_kwargs,
     training_args_kwargs,
 )
+from gemma_search.promotion import PAUSED, is_paused
 from gemma_search.ranking import ranked_trials
 from gemma_search.reads import read_trials
 from gemma_search.space import fixed_search, trial_config
@@ -71,7 +72,10 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
     if pick is None:
         raise StorageError(f"study {name!r} in {redact(url)} has no completed trial yet; run "
                            "workers first (`gemma-search launch`) and export when one finished")
-    best = next(t for t in trials if t.number == pick["trial"])
+    # The ranking's copy: a paused trial there carries its best value so far.
+    best = next((t for t in ranked_trials(trials, spec) if t.number == pick["trial"]),
+                None) or next(t for t in trials if t.number == pick["trial"])
+    paused = best.system_attrs.get(PAUSED) if is_paused(best) else None
     chosen = pick if pick["by"] == "mean" else None
     if chosen is not None:
         selection: dict[str, Any] = {
@@ -99,6 +103,9 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
     header = (f"# Best trial {best.number} of study {spec.name!r}: {spec.objective.metric} = "
               f"{best.value:.6g}\n# Re-run it: gemma-search create best_config.yaml && "
               "gemma-search launch " + best_spec.name + "\n")
+    if paused is not None:
+        header += (f"# Paused after evaluation {paused['eval']} (pruner.pause): its value is "
+                   "the best so far, before the rest of its planned steps\n")
     if chosen is not None:
         spread = "" if chosen["std"] is None else f" +- {chosen['std']:.3g}"
         header += (f"# Chosen by its mean over {chosen['n']} new seed(s): "
@@ -120,6 +127,8 @@ def export_study(name: str, url: str, out_dir: str | Path, *, top_k: int = 10) -
         "direction": spec.direction,
         "params": best.params,
         "selection": selection,
+        # A trial the budget left paused at a rung: how far it trained.
+        "paused": paused,
         # What the trial must beat: the untrained start and the trivial predictor.
         "baselines": compare_to_baselines(spec, study.user_attrs.get(BASELINES_ATTR),
                                           best.value),
@@ -144,7 +153,10 @@ def leaderboard(study: Any, spec: StudySpec, top_k: int) -> list[dict[str, Any]]
     `study`: an Optuna study, or its trials already read (`reads.read_trials`)."""
     rows = []
     for rank, t in enumerate(ranked_trials(study, spec)[:top_k], start=1):
-        row: dict[str, Any] = {"rank": rank, "trial": t.number, "value": t.value}
+        # A trial left paused at a rung: its value is its best so far, after this evaluation.
+        paused_after = t.system_attrs[PAUSED]["eval"] if is_paused(t) else None
+        row: dict[str, Any] = {"rank": rank, "trial": t.number, "value": t.value,
+                               "paused_after_eval": paused_after}
         row.update(t.params)
         row.update({k: v for k, v in t.user_attrs.items() if isinstance(v, int | float)})
         rows.append(row)

@@ -89,12 +89,15 @@ def frozen_study(study: Any, trials: list[Any]) -> Any:
 
 def count_states(trials: Iterable[Any]) -> dict[str, int]:
     """Trials by state: every Optuna state by its lower-case name ("complete", "pruned",
-    "running", "waiting", "fail"), 0 where there is none."""
+    "running", "waiting", "fail"), and "paused": waiting trials that stopped at a rung
+    (`promotion.is_paused`), counted there and not as waiting; 0 where there is none."""
     from optuna.trial import TrialState
 
-    counts = {s.name.lower(): 0 for s in TrialState}
+    from gemma_search.promotion import is_paused
+
+    counts = {s.name.lower(): 0 for s in TrialState} | {"paused": 0}
     for t in trials:
-        counts[t.state.name.lower()] += 1
+        counts["paused" if is_paused(t) else t.state.name.lower()] += 1
     return counts
 
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from gemma_search.baselines import BASELINES_ATTR, compare_to_baselines
+from gemma_search.promotion import PAUSED, is_paused, tokens_spent
 from gemma_search.spec import StudySpec
 from gemma_search.study import budget_used, gpu_hours_used
 
@@ -51,7 +52,9 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
     if ranked:
         b = ranked[0]
         best = {"trial": b.number, "value": b.value, "params": b.params,
-                "metrics": {k: v for k, v in b.user_attrs.items() if isinstance(v, int | float)}}
+                "metrics": {k: v for k, v in b.user_attrs.items() if isinstance(v, int | float)},
+                # Left paused at a rung: its value is its best so far, after this evaluation.
+                "paused_after_eval": b.system_attrs[PAUSED]["eval"] if is_paused(b) else None}
     # A companion (`STUDY.verify`) runs exactly the re-runs enqueued in it: that is its
     # budget; what they show belongs to the search study's status.
     verifies = search_study_of(study)
@@ -95,6 +98,9 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
         "max_gpu_hours": max_hours,
         "gpu_hours_used": round(hours, 4),
         "gpu_hours_left": None if max_hours is None else round(max(0.0, max_hours - hours), 4),
+        # budget.max_tokens: tokens trained and reserved by running trials, all together.
+        "max_tokens": spec.budget.max_tokens,
+        "tokens_used": None if spec.budget.max_tokens is None else tokens_spent(trials),
         # What those hours ran on: the workers that ever ran this study (exited ones too).
         "device": _device(listed),
         "trials": counts,
@@ -161,7 +167,9 @@ def render_status(summary: dict[str, Any]) -> Any:
 
     counts = Table(title=f"study {summary['study']}: {summary['budget_used']} of "
                    f"{summary['max_trials']} trials", show_header=True)
-    states = ("complete", "pruned", "running", "waiting", "fail")
+    states: tuple[str, ...] = ("complete", "pruned", "running", "waiting", "fail")
+    if summary["trials"].get("paused"):  # a study whose trials pause at rungs
+        states = ("complete", "paused", "pruned", "running", "waiting", "fail")
     for state in states:
         counts.add_column(state)
     counts.add_row(*(str(summary["trials"][s]) for s in states))
@@ -174,6 +182,8 @@ def render_status(summary: dict[str, Any]) -> Any:
     if best is not None:
         title = (f"best single: trial {best['trial']}, {summary['metric']} = "
                  f"{best['value']:.6g} ({summary['direction']})")
+        if best.get("paused_after_eval") is not None:
+            title += f", paused after evaluation {best['paused_after_eval']} (best so far)"
         if not best["params"]:  # nothing searched: no table to show
             parts.append(Text(title))
         else:
@@ -249,10 +259,15 @@ def _budget_line(summary: dict[str, Any]) -> str:
     unit = {"gpu": "GPU-hours", "cpu": "device-hours (CPU)"}.get(summary.get("device") or "",
                                                                  "device-hours")
     hours = f"{unit} used {summary['gpu_hours_used']:.3g}"
+    if summary.get("max_tokens") is not None:
+        hours = f"tokens {summary['tokens_used']:,} of {summary['max_tokens']:,}; " + hours
     if summary["max_gpu_hours"] is not None:
         hours += f" of {summary['max_gpu_hours']:g} ({summary['gpu_hours_left']:.3g} left)"
     eta = summary["eta_seconds"]
-    if summary["budget_used"] >= summary["max_trials"] and not summary["trials"]["running"]:
+    tokens_spent = (summary.get("max_tokens") is not None
+                    and summary["tokens_used"] >= summary["max_tokens"])
+    if ((summary["budget_used"] >= summary["max_trials"] or tokens_spent)
+            and not summary["trials"]["running"]):
         when = "budget spent"
     elif eta is None:
         when = "time to finish: unknown (no finished trial or no live worker yet)"

@@ -168,6 +168,13 @@ def test_a_study_that_pauses_resumes_exactly_and_holds_its_token_budget(
         has = folder.exists() and any(folder.glob("step-*"))
         assert has == is_paused(t), (t.number, t.state.name)
     assert db.latest_checkpoint(engine, name, [target.number]) is not None
+    # status counts paused trials apart and shows the token budget.
+    from gemma_search.status import study_status
+
+    summary = study_status(study, spec)
+    assert summary["trials"]["paused"] == sum(is_paused(t) for t in trials) > 0
+    assert summary["trials"]["waiting"] == 0
+    assert (summary["tokens_used"], summary["max_tokens"]) == (spent, budget)
 
 
 # --- a fleet: two workers, and a worker killed mid-resume ---------------------------------
@@ -262,3 +269,45 @@ def test_kill_9_mid_resume_loses_nothing(tmp_path: Path, tiny_model: Path,
         for step, value in victim.intermediate_values.items():
             assert retry.intermediate_values[step] == value
     assert spec.name == name
+
+
+def test_export_picks_a_complete_trial_over_a_paused_one_with_the_same_value(
+        tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]) -> None:
+    import json
+
+    from gemma_search.export import export_study
+    from gemma_search.study import create_study
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    spec = spec_from_text(pausing_spec_text("pick", tiny_model, demo_data, tmp_path / "c"))
+    study = create_study(spec, url)
+
+    def add(value: float, *, pause: bool) -> int:
+        # Not study.ask(): it would pop the paused trial, as plain Optuna does.
+        trial = optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+        trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True)
+        trial.suggest_categorical("optimizer", ["adamw", "sgd"])
+        trial.suggest_categorical("lora_r", [4, 8])
+        trial.report(value, 1)
+        if not pause:
+            study.tell(trial, value)
+            return trial.number
+        study._storage.set_trial_system_attr(trial._trial_id, PAUSED, {
+            "eval": 1, "at_rung": True, "tokens": 800, "needs": 0, "seconds": 1.0,
+            "best_value": value, "value": value})
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.WAITING)
+        return trial.number
+
+    add(0.4, pause=True)
+    complete = add(0.4, pause=False)
+    export_study("pick", url, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "provenance.json").read_text())["trial_number"] == \
+        complete
+    better = add(0.3, pause=True)
+    export_study("pick", url, tmp_path / "b")
+    provenance = json.loads((tmp_path / "b" / "provenance.json").read_text())
+    assert provenance["trial_number"] == better and provenance["value"] == 0.3
+    assert provenance["paused"]["eval"] == 1
+    assert "# Paused after evaluation 1" in (tmp_path / "b" / "best_config.yaml").read_text()
+    board = (tmp_path / "b" / "leaderboard.csv").read_text().splitlines()
+    assert board[1].startswith(f"1,{better},0.3,1,") and board[2].startswith(f"2,{complete},0.4,,")
