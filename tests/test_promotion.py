@@ -311,3 +311,26 @@ def test_export_picks_a_complete_trial_over_a_paused_one_with_the_same_value(
     assert "# Paused after evaluation 1" in (tmp_path / "b" / "best_config.yaml").read_text()
     board = (tmp_path / "b" / "leaderboard.csv").read_text().splitlines()
     assert board[1].startswith(f"1,{better},0.3,1,") and board[2].startswith(f"2,{complete},0.4,,")
+    # gc: nothing runs or waits, so every checkpoint goes, paused trials' too; those stay
+    # ranked by their best value but are never promoted.
+    from typer.testing import CliRunner
+
+    from gemma_search.cli import app
+    from gemma_search.objective import checkpoint_dir
+
+    for n in (0, complete, better):
+        folder = checkpoint_dir(spec, n) / "step-00000001"
+        folder.mkdir(parents=True)
+        (folder / "adapter.safetensors").write_bytes(b"x" * 2**20)
+    running = optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+    (checkpoint_dir(spec, running.number) / "step-00000001").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["gc", "pick", "--storage", url])
+    assert result.exit_code == 0, result.output
+    assert "removed the checkpoints of 1 trial(s), 1.0 MiB: 1" in result.output
+    assert checkpoint_dir(spec, 0).exists() and checkpoint_dir(spec, running.number).exists()
+    study.tell(running, state=TrialState.FAIL)  # nothing runs now: paused ones go too
+    result = CliRunner().invoke(app, ["gc", "pick", "--storage", url])
+    assert "removed the checkpoints of 3 trial(s), 2.0 MiB" in result.output, result.output
+    trials = study.get_trials(deepcopy=False)
+    assert all(t.system_attrs[PAUSED]["checkpoint_removed"] for t in trials if is_paused(t))
+    assert pick(trials, spec) is None
