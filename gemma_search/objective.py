@@ -18,7 +18,7 @@ from gemma_search.spec import StudySpec
 from gemma_search.storage import retry_transient
 from gemma_search.train.checkpoint import Checkpointing, CheckpointRefused, check_checkpoint
 from gemma_search.train.data import TaskData
-from gemma_search.train.engine import OutOfMemory, train_trial
+from gemma_search.train.engine import LEAK_TOLERANCE_BYTES, OutOfMemory, train_trial
 from gemma_search.train.model import BaseModel
 from gemma_search.verify import VERIFY_SEED
 
@@ -27,8 +27,6 @@ __all__ = ["Objective", "OptunaReporter", "RungDecision", "TrialPaused", "TrialP
 
 log = logging.getLogger("gemma_search.objective")
 
-#: Allocator rounding and cuBLAS workspaces: below this, memory counts as back to baseline.
-LEAK_TOLERANCE_BYTES = 64 * 2**20
 
 
 class TrialPreempted(GemmaSearchError):
