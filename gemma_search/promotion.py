@@ -198,7 +198,9 @@ def decide_at_rung(study: Any, spec: StudySpec, number: int, evaluation: int,
     the trial the next claim would resume and the budget leaves it room."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    from gemma_search.reads import read_trials
+
+    trials = read_trials(study)
     if any(t.state == TrialState.WAITING and not is_paused(t) for t in trials):
         return False, None  # the queue goes first
     if pick(trials, spec, deciding=(number, evaluation)) != number:
@@ -214,26 +216,26 @@ def decide_at_rung(study: Any, spec: StudySpec, number: int, evaluation: int,
 
 
 def claim(study: Any, spec: StudySpec, *, budget_has_room: Callable[[list[Any]], bool],
-          checkpoint_tokens: Callable[[list[int]], int]) -> tuple[str, Any]:
-    """Under the study lock: ("run", a trial set RUNNING for this worker), or ("wait" |
-    "done", None).
+          checkpoint_tokens: Callable[[list[int]], int]) -> tuple[str, int | None]:
+    """Under the study lock: ("run", the id of a trial set RUNNING for this worker), or
+    ("wait" | "done", None).
 
     `budget_has_room(trials)`: whether the study may add a trial (max_trials, GPU-hours).
     `checkpoint_tokens(numbers)`: tokens of the latest checkpoint among those trials (0 when
     none): where a retry resumes from.
     """
-    import optuna
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    from gemma_search.reads import read_trials
+
+    trials = read_trials(study)
     storage = study._storage
     room = tokens_room(trials, spec)
     running = any(t.state == TrialState.RUNNING for t in trials)
 
-    def start(trial_id: int, segment: dict[str, Any]) -> tuple[str, Any]:
+    def start(trial_id: int, segment: dict[str, Any]) -> tuple[str, int]:
         storage.set_trial_system_attr(trial_id, SEGMENT, segment)
-        study._thread_local.cached_all_trials = None
-        return "run", optuna.Trial(study, trial_id)
+        return "run", trial_id
 
     if room <= 0:
         return ("wait" if running else "done"), None

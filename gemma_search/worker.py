@@ -31,6 +31,7 @@ from typing import Any
 from gemma_search import promotion
 from gemma_search.errors import GemmaSearchError, SpecError, first_line
 from gemma_search.promotion import pausing
+from gemma_search.reads import read_trials
 from gemma_search.spec import StorageSpec, StudySpec
 from gemma_search.storage import (
     StudyLock,
@@ -345,17 +346,30 @@ def _claim(study: Any, spec: StudySpec, lock: StudyLock, engine: Any) -> tuple[s
     """Under the study lock: ("run", the trial `ask` popped from the queue), or ("wait" |
     "done", None). The pop is inside the lock (see `_claim_trial`); an outage anywhere in
     it fails the whole claim, which the caller retries from the lock."""
+    import optuna
+
     lock.acquire()
     try:
         if pausing(spec):
-            return _claim_paused(study, spec, engine)
-        action = _claim_trial(study, spec, engine)
-        return action, (study.ask() if action == "run" else None)
+            action, trial_id = _claim_paused(study, spec, engine)
+        else:
+            action, trial_id = _claim_trial(study, spec, engine), None
+            if action == "run":  # what `study.ask` does, less the sampling
+                study._thread_local.cached_all_trials = None
+                trial_id = study._pop_waiting_trial_id()
+                if trial_id is None:
+                    trial_id = study._storage.create_new_trial(study._study_id)
     finally:
         lock.release()
+    if action != "run" or trial_id is None:
+        return action, None
+    # The trial exists and is RUNNING: the budget counts it. Sampling its parameters (the
+    # sampler reads the study's history) needs no lock, so other workers claim meanwhile.
+    study._thread_local.cached_all_trials = None
+    return action, optuna.Trial(study, trial_id)
 
 
-def _claim_paused(study: Any, spec: StudySpec, engine: Any) -> tuple[str, Any]:
+def _claim_paused(study: Any, spec: StudySpec, engine: Any) -> tuple[str, int | None]:
     """`_claim` for a study whose trials pause at rungs: the queue, else a promotion, else a
     new trial (`promotion.claim`). `study.ask` is not used: it would pop paused trials in
     the order they paused, not by their results."""
@@ -505,7 +519,7 @@ def _claim_trial(study: Any, spec: StudySpec, engine: Any = None) -> str:
     optuna.storages.fail_stale_trials(study)  # a dead worker's trial is re-queued first
     if engine is not None:
         _requeue_orphans(study, spec, engine)
-    trials = study.get_trials(deepcopy=False)
+    trials = read_trials(study)  # one read, the collector paused, only what changed
     if any(t.state == TrialState.WAITING for t in trials):
         return "run"
     if SEARCH_STUDY in study.user_attrs:
@@ -555,4 +569,4 @@ def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
             study.tell(t.number, state=TrialState.FAIL)
         except (ValueError, RuntimeError):
             continue  # finished meanwhile
-        requeue(study, copy.deepcopy(study.get_trials(deepcopy=False)[t.number]))
+        requeue(study, study._storage.get_trial(t._trial_id))  # that trial, not all

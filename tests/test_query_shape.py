@@ -107,9 +107,17 @@ def bound(statement: str, parameters: Any, column: str) -> list[Any] | None:
     """The values bound to `column = ...` or `column IN (...)` in `statement`, for qmark
     (SQLite) and pyformat (psycopg2) parameters; None when `column` is not compared so."""
     where = re.search(r"\bWHERE\b", statement, re.IGNORECASE)
-    pattern = re.compile(rf"{re.escape(column)}\s*(=|IN)\s*(\(([^()]*)\)|\?|%\(\w+\)s)",
+    one = r"(?:\?|%\(\w+\)s)"  # a qmark or pyformat placeholder
+    pattern = re.compile(rf"{re.escape(column)}\s*(=|IN)\s*(\(((?:[^()]|{one})*)\)|{one})",
                          re.IGNORECASE)
     match = None if where is None else pattern.search(statement, where.end())
+    if match is None and where is not None:  # an ORM lazy load writes `? = column`
+        flipped = re.search(rf"(\?|%\((\w+)\)s)\s*=\s*{re.escape(column)}\b",
+                            statement[where.end():])
+        if flipped is not None:
+            if isinstance(parameters, dict):
+                return [parameters[flipped.group(2)]]
+            return [parameters[statement[:where.end() + flipped.start()].count("?")]]
     if match is None:
         return None
     placeholders = match.group(3) if match.group(3) is not None else match.group(2)
@@ -255,3 +263,40 @@ def assert_same(trials: list[Any], expected: list[Any]) -> None:
         assert repr(got.intermediate_values) == repr(want.intermediate_values)
         assert {**got.__dict__, "intermediate_values": None} == \
             {**want.__dict__, "intermediate_values": None}
+
+
+def test_a_workers_claim_does_not_grow_with_the_study(
+        storage_url: str, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
+    """What a worker sends under the study lock to claim a trial: as much for 300 trials as
+    for 100, and nothing that reads another study's trials. (Sampling the claimed trial's
+    parameters happens after the lock is released.)"""
+    from gemma_search import db
+    from gemma_search.storage import StudyLock
+    from gemma_search.worker import _claim
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tag = uuid.uuid4().hex[:6]
+    other = make_study(storage_url, f"other-{tag}", 40, demo_data, tmp_path)
+    counts = {}
+    for n in (100, 300):
+        name = f"claim-{n}-{tag}"
+        make_study(storage_url, name, n, demo_data, tmp_path)
+        study, spec = load_study(name, storage_url, heartbeat=True)
+        lock, engine = StudyLock(storage_url, name), db.make_engine(storage_url)
+        held: list[list[tuple[str, Any]]] = []
+        with recorded() as statements:
+            def release(real: Any = lock.release, seen: list[Any] = statements,
+                        out: list[Any] = held) -> None:
+                out.append(list(seen))  # what ran while the lock was held
+                real()
+
+            lock.release = release  # type: ignore[method-assign]
+            action, trial = _claim(study, spec, lock, engine)
+        assert action == "run" and trial is not None
+        ids = trial_ids(study)
+        reads = [(s, p) for s, p in held[0]
+                 if not re.match(r"\s*(insert|update|delete)\b", s, re.IGNORECASE)]
+        assert_reads_only(reads, {study._study_id}, ids)
+        assert not ids & trial_ids(other)
+        counts[n] = len(held[0])
+    assert counts[100] == counts[300], counts
