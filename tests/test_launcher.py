@@ -111,16 +111,21 @@ def test_a_configuration_error_is_not_restarted_and_stops_the_others(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Worker 0 stops on a configuration error; worker 1 runs a trial until SIGTERM, which it
     # answers as a worker does: it hands the trial back and exits 0.
-    stopped = tmp_path / "stopped"
+    stopped, ready = tmp_path / "stopped", tmp_path / "ready"
+    # Worker 0 fails only once worker 1 answers SIGTERM: on a loaded machine worker 1 can
+    # otherwise be signalled before its handler is installed.
     fake_children(monkeypatch, f"""
-import signal, sys, time
+import os, signal, sys, time
 if index == 0:
+    while not os.path.exists({str(ready)!r}):
+        time.sleep(0.05)
     print("error: model.name_or_path '/gone' cannot be loaded", file=sys.stderr)
     raise SystemExit({CONFIG_ERROR_EXIT})
 def handed_back(*_):
     open({str(stopped)!r}, "w").close()
     raise SystemExit(0)
 signal.signal(signal.SIGTERM, handed_back)
+open({str(ready)!r}, "w").close()
 time.sleep(60)
 """)
     lines: list[str] = []

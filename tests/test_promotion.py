@@ -129,7 +129,7 @@ def test_a_study_that_pauses_resumes_exactly_and_holds_its_token_budget(
     from gemma_search.worker import load_resources, run_worker
 
     name = f"pause-{tmp_path.name[-10:]}"
-    budget = 20_000
+    budget = 12_000
     spec = spec_from_text(pausing_spec_text(name, tiny_model, demo_data, tmp_path / "ckpt",
                                             max_trials=8, max_tokens=budget))
     create_study(spec, storage_url)
@@ -210,7 +210,7 @@ def test_two_workers_never_resume_the_same_trial(tmp_path: Path, tiny_model: Pat
     from tests.test_fleet import create, start_worker
 
     name = f"pause2-{tmp_path.name[-10:]}"
-    budget = 24_000
+    budget = 16_000
     create(fleet_pausing_spec(tmp_path, name, tiny_model, demo_data, max_tokens=budget),
            postgres_url)
     workers = [start_worker(name, postgres_url, i) for i in range(2)]

@@ -31,7 +31,7 @@ class ScoreOnly:
     `trial_config`, as the real objective's first line does, and scores it without training."""
 
     def __init__(self, spec: Any, base: Any, data: Any, engine: Any, *, on_start: Any = None,
-                 stop_requested: Any = None, status: Any = None) -> None:
+                 stop_requested: Any = None, status: Any = None, at_rung: Any = None) -> None:
         self.spec, self.on_start, self.last_error = spec, on_start, None
 
     def __call__(self, trial: Any) -> float:
