@@ -1,5 +1,5 @@
-"""The statements `status` and `export` send to the database: as many for 300 trials as for
-100, and none that reads another study's trials.
+"""The statements `status` and `export` send to the database: as many for 180 trials as for
+60, and none that reads another study's trials.
 
 A study of N synthetic trials (complete, pruned with evaluations, failed, running, waiting;
 params in the spec's space) sits beside another study in the same database. A SQLAlchemy
@@ -160,7 +160,7 @@ def test_status_and_export_statements_do_not_grow_with_the_study(
     tag = uuid.uuid4().hex[:6]  # the PostgreSQL database is shared by the session's tests
     other = make_study(storage_url, f"other-{tag}", 40, demo_data, tmp_path)
     counts = {}
-    for n in (100, 300):
+    for n in (60, 180):
         name = f"shape-{n}-{tag}"
         study = make_study(storage_url, name, n, demo_data, tmp_path)
         mine = [study]
@@ -202,8 +202,8 @@ def test_status_and_export_statements_do_not_grow_with_the_study(
                      and "trials.study_id" in s]
             assert len(reads) == len(mine), (what, reads)
         counts[n] = {what: len(statements) for what, statements in shapes.items()}
-    assert counts[100] == counts[300], counts
-    assert max(counts[300].values()) <= 100, counts  # the storages opened, one read each
+    assert counts[60] == counts[180], counts
+    assert max(counts[180].values()) <= 100, counts  # the storages opened, one read each
 
 
 def test_read_trials_is_what_optuna_reads(storage_url: str) -> None:
@@ -267,8 +267,8 @@ def assert_same(trials: list[Any], expected: list[Any]) -> None:
 
 def test_a_workers_claim_does_not_grow_with_the_study(
         storage_url: str, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
-    """What a worker sends under the study lock to claim a trial: as much for 300 trials as
-    for 100, and nothing that reads another study's trials. (Sampling the claimed trial's
+    """What a worker sends under the study lock to claim a trial: as much for 180 trials as
+    for 60, and nothing that reads another study's trials. (Sampling the claimed trial's
     parameters happens after the lock is released.)"""
     from gemma_search import db
     from gemma_search.storage import StudyLock
@@ -278,7 +278,7 @@ def test_a_workers_claim_does_not_grow_with_the_study(
     tag = uuid.uuid4().hex[:6]
     other = make_study(storage_url, f"other-{tag}", 40, demo_data, tmp_path)
     counts = {}
-    for n in (100, 300):
+    for n in (60, 180):
         name = f"claim-{n}-{tag}"
         make_study(storage_url, name, n, demo_data, tmp_path)
         study, spec = load_study(name, storage_url, heartbeat=True)
@@ -299,4 +299,4 @@ def test_a_workers_claim_does_not_grow_with_the_study(
         assert_reads_only(reads, {study._study_id}, ids)
         assert not ids & trial_ids(other)
         counts[n] = len(held[0])
-    assert counts[100] == counts[300], counts
+    assert counts[60] == counts[180], counts
