@@ -671,6 +671,7 @@ def _study_outcome(study: str, url: str, patience: float) -> Any:
     """`launcher.outcome` of the study now, read once the server answers (for up to
     `patience` s): the workers may have outlived an outage that is still going on."""
     from gemma_search.launcher import outcome
+    from gemma_search.promotion import pausing
     from gemma_search.storage import retry_transient
     from gemma_search.study import load_study
     from gemma_search.verify import rerun_progress, search_study_of
@@ -680,7 +681,7 @@ def _study_outcome(study: str, url: str, patience: float) -> Any:
         trials = loaded.get_trials(deepcopy=False)
         verifying = search_study_of(loaded) is not None
         planned = rerun_progress(trials)[1] if verifying else spec.budget.max_trials
-        return outcome(study, trials, planned, verifying=verifying)
+        return outcome(study, trials, planned, verifying=verifying, pausing=pausing(spec))
 
     return retry_transient(read, patience=patience, what=f"read study {study}")
 

@@ -344,17 +344,21 @@ class Outcome:
     """Trials waiting, running or not started."""
 
 
-def outcome(name: str, trials: Sequence[Any], planned: int, *, verifying: bool = False
-            ) -> Outcome:
+def outcome(name: str, trials: Sequence[Any], planned: int, *, verifying: bool = False,
+            pausing: bool = False) -> Outcome:
     """Count the study's trials as its budget does (a failed trial that was re-queued counts
     through its retry, once): complete, pruned, failed (with the first failures' numbers and
     reasons), waiting, running, and not started (`planned` less every trial there is).
 
     `verifying`: a verify companion, whose plan is its enqueued re-runs; else the search
     study, whose re-runs kept by an earlier version (tagged `verify_of`) are left out.
+    `pausing`: trials pause at rungs (`pruner.pause`). Paused trials count as done, as pruned
+    ones do, and workers stop when the token budget leaves no promotion or new trial: the
+    trials not started then were never going to be.
     """
     from optuna.trial import TrialState
 
+    from gemma_search.promotion import is_paused
     from gemma_search.ranking import is_verification
 
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
@@ -362,13 +366,19 @@ def outcome(name: str, trials: Sequence[Any], planned: int, *, verifying: bool =
                and not (t.state == TrialState.FAIL and t.number in retried)]
     by_state = {state: [t for t in counted if t.state == state] for state in TrialState}
     complete, pruned = len(by_state[TrialState.COMPLETE]), len(by_state[TrialState.PRUNED])
+    paused = sum(is_paused(t) for t in counted)
     failed = by_state[TrialState.FAIL]
-    waiting, running = len(by_state[TrialState.WAITING]), len(by_state[TrialState.RUNNING])
-    not_started = max(0, planned - len(counted))
+    waiting = len(by_state[TrialState.WAITING]) - paused
+    running = len(by_state[TrialState.RUNNING])
+    not_started = 0 if pausing else max(0, planned - len(counted))
     if not failed and not waiting and not running and not not_started:
+        if pausing:
+            return Outcome(True, f"study {name}: {complete + paused + pruned} trials done "
+                                 f"({complete} complete, {paused} paused at a rung)")
         return Outcome(True, f"study {name}: {complete + pruned} of {planned} trials done "
                              f"({complete} complete, {pruned} pruned)")
-    parts = [f"{complete} complete"] + ([f"{pruned} pruned"] if pruned else [])
+    parts = [f"{complete} complete"] + ([f"{pruned} pruned"] if pruned else []) + (
+        [f"{paused} paused"] if paused else [])
     if failed:
         reasons = "; ".join(f"trial {t.number}: {_reason(t)}" for t in failed[:3])
         more = f"; {len(failed) - 3} more" if len(failed) > 3 else ""

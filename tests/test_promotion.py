@@ -334,3 +334,18 @@ def test_export_picks_a_complete_trial_over_a_paused_one_with_the_same_value(
     trials = study.get_trials(deepcopy=False)
     assert all(t.system_attrs[PAUSED]["checkpoint_removed"] for t in trials if is_paused(t))
     assert pick(trials, spec) is None
+
+
+def test_launch_ends_well_when_the_budget_leaves_trials_paused(spec: Any) -> None:
+    """`launch` reads the study when its workers exit: paused trials are done, and the
+    trials a spent token budget never started are not missing."""
+    from gemma_search.launcher import outcome
+
+    trials = [frozen(0, TrialState.WAITING, {1: 0.5}, paused_at=1),
+              frozen(1, TrialState.COMPLETE, {1: 0.4, 2: 0.3}),
+              frozen(2, TrialState.WAITING, {1: 0.6}, paused_at=1)]
+    result = outcome("rungs", trials, planned=20, pausing=True)
+    assert result.ok and result.line == "study rungs: 3 trials done (1 complete, 2 paused " \
+        "at a rung)"
+    queued = frozen(3, TrialState.WAITING, {})
+    assert not outcome("rungs", [*trials, queued], planned=20, pausing=True).ok
