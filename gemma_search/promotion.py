@@ -44,8 +44,8 @@ from typing import Any
 from gemma_search.spec import StudySpec
 
 __all__ = ["PAUSED", "SEGMENT", "claim", "collect_checkpoints", "decide_at_rung", "is_paused",
-           "is_rung", "next_rung", "pausing", "pick", "tokens_room", "tokens_spent",
-           "trial_tokens"]
+           "is_rung", "next_rung", "pausing", "pick", "tokens_exhausted", "tokens_room",
+           "tokens_spent", "trial_tokens"]
 
 log = logging.getLogger("gemma_search.promotion")
 
@@ -317,3 +317,19 @@ def collect_checkpoints(study: Any, spec: StudySpec, *, paused: bool = False) ->
             mark = {**t.system_attrs[PAUSED], "checkpoint_removed": True}
             study._storage.set_trial_system_attr(t._trial_id, PAUSED, mark)
     return removed, freed
+
+
+def tokens_exhausted(trials: Sequence[Any], spec: StudySpec) -> bool:
+    """Whether `budget.max_tokens` leaves room for neither a new trial nor the promotion the
+    next claim would make: what is left then stays unspent, and the study is done."""
+    if spec.budget.max_tokens is None:
+        return False
+    if _cap(trials, spec, None, 0, next_rung(spec, 0)) != 0:
+        return False
+    number = pick(trials, spec)
+    if number is None:
+        return True
+    paused = next(t for t in trials if t.number == number).system_attrs[PAUSED]
+    tokens, evaluation = int(paused["tokens"]), int(paused["eval"])
+    cap = _cap(trials, spec, number, tokens, max(1, next_rung(spec, evaluation) - evaluation))
+    return cap is not None and cap < tokens + max(1, int(paused.get("needs", 0)))

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from gemma_search.baselines import BASELINES_ATTR, compare_to_baselines
-from gemma_search.promotion import PAUSED, is_paused, tokens_spent
+from gemma_search.promotion import PAUSED, is_paused, tokens_exhausted, tokens_spent
 from gemma_search.spec import StudySpec
 from gemma_search.study import budget_used, gpu_hours_used
 
@@ -101,6 +101,8 @@ def study_status(study: Any, spec: StudySpec, engine: Any = None,
         # budget.max_tokens: tokens trained and reserved by running trials, all together.
         "max_tokens": spec.budget.max_tokens,
         "tokens_used": None if spec.budget.max_tokens is None else tokens_spent(trials),
+        # Less left than the next run needs: the rest stays unspent.
+        "tokens_exhausted": tokens_exhausted(trials, spec),
         # What those hours ran on: the workers that ever ran this study (exited ones too).
         "device": _device(listed),
         "trials": counts,
@@ -264,8 +266,7 @@ def _budget_line(summary: dict[str, Any]) -> str:
     if summary["max_gpu_hours"] is not None:
         hours += f" of {summary['max_gpu_hours']:g} ({summary['gpu_hours_left']:.3g} left)"
     eta = summary["eta_seconds"]
-    tokens_spent = (summary.get("max_tokens") is not None
-                    and summary["tokens_used"] >= summary["max_tokens"])
+    tokens_spent = bool(summary.get("tokens_exhausted"))
     if ((summary["budget_used"] >= summary["max_trials"] or tokens_spent)
             and not summary["trials"]["running"]):
         when = "budget spent"

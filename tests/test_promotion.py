@@ -175,6 +175,8 @@ def test_a_study_that_pauses_resumes_exactly_and_holds_its_token_budget(
     assert summary["trials"]["paused"] == sum(is_paused(t) for t in trials) > 0
     assert summary["trials"]["waiting"] == 0
     assert (summary["tokens_used"], summary["max_tokens"]) == (spent, budget)
+    # The worker stopped because nothing more fits: status says the budget is spent.
+    assert summary["tokens_exhausted"] or len(trials) == spec.budget.max_trials
 
 
 # --- a fleet: two workers, and a worker killed mid-resume ---------------------------------
