@@ -69,11 +69,20 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def running_with_checkpoint(study: Any, spec: Any) -> Any:
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if any(checkpoint_dir(spec, t.number).glob("step-*")):
-            return t
-    return None
+def running_with_checkpoint(study: Any, spec: Any, url: str) -> Any:
+    """A running trial whose checkpoint is saved and recorded in `url`: a retry resumes only
+    from a checkpoint the database knows (the folder is written just before its row)."""
+    from gemma_search import db
+
+    engine = db.make_engine(url)
+    try:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if any(checkpoint_dir(spec, t.number).glob("step-*")) and \
+                    db.latest_checkpoint(engine, spec.name, [t.number]) is not None:
+                return t
+        return None
+    finally:
+        engine.dispose()
 
 
 def test_eight_workers_hold_the_study_budget(tmp_path: Path, tiny_model: Path,
@@ -106,7 +115,8 @@ def test_sigterm_checkpoints_requeues_and_a_new_worker_resumes(
                              max_tokens=16000), storage_url)
     study = optuna.load_study(study_name=spec.name, storage=storage_url)
     worker = start_worker(name, storage_url)
-    victim = wait_for(lambda: running_with_checkpoint(study, spec), 120, "a checkpoint")
+    victim = wait_for(lambda: running_with_checkpoint(study, spec, storage_url), 120,
+                      "a checkpoint")
     sent = time.monotonic()
     worker.send_signal(signal.SIGTERM)
     out, _ = worker.communicate(timeout=60)
@@ -145,7 +155,8 @@ def test_kill_9_mid_trial_is_failed_requeued_and_resumed_by_another_worker(
                              max_tokens=16000), storage_url)
     study = optuna.load_study(study_name=spec.name, storage=storage_url)
     doomed = start_worker(name, storage_url, 0)
-    victim = wait_for(lambda: running_with_checkpoint(study, spec), 120, "a checkpoint")
+    victim = wait_for(lambda: running_with_checkpoint(study, spec, storage_url), 120,
+                      "a checkpoint")
     doomed.kill()
     doomed.wait()
     killed_at = time.monotonic()

@@ -307,7 +307,8 @@ def test_a_retry_that_fails_is_a_failure_of_its_own(tmp_path: Path, tiny_model: 
     study = optuna.load_study(study_name=name, storage=postgres_url)
     worker = start_worker(name, postgres_url)
     try:
-        victim = wait_for(lambda: running_with_checkpoint(study, spec), 120, "a checkpoint")
+        victim = wait_for(lambda: running_with_checkpoint(study, spec, postgres_url), 120,
+                          "a checkpoint")
         worker.send_signal(signal.SIGTERM)
         out, _ = worker.communicate(timeout=60)
     finally:
