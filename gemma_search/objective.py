@@ -211,11 +211,11 @@ class Objective:
             self.status.update(trial=trial.number, step=0, tokens_per_second=None)
         # A duplicate checkpoint row after a lost answer is harmless: the newest step wins.
         patience = float(self.spec.storage.reconnect_seconds)
-        frozen = next(t for t in trial.study.get_trials(deepcopy=False)
-                      if t.number == trial.number)
+        # This trial as stored (its retry history, its segment): that one row, not the study.
+        frozen = trial.study._storage.get_trial(trial._trial_id)
         segment = frozen.system_attrs.get(SEGMENT) or {}
         resume_from = (self._own_checkpoint(trial) if segment.get("resume")
-                       else self._predecessor_checkpoint(trial))
+                       else self._predecessor_checkpoint(trial, frozen))
         checkpointing = Checkpointing(
             directory=checkpoint_dir(self.spec, trial.number),
             every_steps=self.spec.checkpoints.every_steps,
@@ -300,15 +300,13 @@ class Objective:
                                    "recorded; it cannot be resumed")
         return check_checkpoint(Path(latest["path"]), study_checkpoint_dir(self.spec))
 
-    def _predecessor_checkpoint(self, trial: Any) -> Path | None:
+    def _predecessor_checkpoint(self, trial: Any, frozen: Any) -> Path | None:
         """The latest checkpoint of the trials this one retries (Optuna's retry_history),
         if it passes `check_checkpoint`: inside this study's checkpoint folder, and holding
         tensors and plain values only. A refused one is said in the log and in the trial's
         `resume_refused` attribute, and the trial starts from step 0."""
         from gemma_search import db
 
-        frozen = next(t for t in trial.study.get_trials(deepcopy=False)
-                      if t.number == trial.number)
         history = frozen.system_attrs.get("retry_history", [])
         if not history:
             return None
