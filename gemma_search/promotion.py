@@ -87,15 +87,10 @@ def is_paused(trial: Any) -> bool:
 
 
 def _counted(trials: Sequence[Any]) -> list[Any]:
-    """The trials that hold results and spend budget: not a crashed trial whose retry
-    carries on (it carries its values and its tokens), not a verification re-run."""
-    from optuna.trial import TrialState
+    """The trials that hold results and spend budget (`study.budget_trials`)."""
+    from gemma_search.study import budget_trials
 
-    from gemma_search.ranking import is_verification
-
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)
-            and not is_verification(t)]
+    return budget_trials(list(trials))
 
 
 def trial_tokens(trial: Any) -> int:

@@ -17,6 +17,7 @@ from gemma_search.storage import open_storage, redact
 from gemma_search.warm_start import enqueue_warm_start, warm_start_configs
 
 __all__ = [
+    "budget_trials",
     "budget_used",
     "gpu_hours_used",
     "build_pruner",
@@ -219,13 +220,20 @@ def budget_used(trials: list[Any]) -> int:
     (`gemma_search.verify`); a study verified by an earlier version of gemma-search still
     holds its re-runs, tagged `verify_of`, and those stay outside the count, as they were.
     """
+    return len(budget_trials(trials))
+
+
+def budget_trials(trials: list[Any]) -> list[Any]:
+    """The trials `budget_used` counts: not a failed trial whose retry carries on (it
+    carries its values, and its tokens: `promotion.tokens_spent`), not a verification
+    re-run."""
     from optuna.trial import TrialState
 
     from gemma_search.ranking import is_verification
 
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried)
-               and not is_verification(t))
+    return [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)
+            and not is_verification(t)]
 
 
 def split_args(spec: StudySpec) -> dict[str, Any]:
