@@ -309,7 +309,9 @@ class BudgetSpec:
     max_tokens: int | None = None
     """Training tokens for the whole study, all trials together (pruned and paused ones
     count what they trained). With `pruner.pause` it holds exactly: each run reserves the
-    tokens to its next rung and stops at that reservation."""
+    tokens to its next rung and stops at that reservation. Without it, a trial starts while
+    the tokens trained are below it and runs to its end (each worker may pass it by one
+    trial), as `max_gpu_hours` does."""
 
 
 @dataclass(frozen=True)

@@ -527,7 +527,12 @@ def _claim_trial(study: Any, spec: StudySpec, engine: Any = None) -> str:
         return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
     budget = spec.budget
     hours_left = budget.max_gpu_hours is None or gpu_hours_used(trials) < budget.max_gpu_hours
-    if budget_used(trials) < budget.max_trials and hours_left:
+    # Without pausing, `max_tokens` is a start rule like `max_gpu_hours`: a trial starts
+    # while the tokens trained so far are below it, and runs to its end (each worker may
+    # pass it by one trial). A pausing study reserves and stops exactly (`promotion`).
+    tokens_left = (budget.max_tokens is None
+                   or promotion.tokens_spent(trials) < budget.max_tokens)
+    if budget_used(trials) < budget.max_trials and hours_left and tokens_left:
         study.enqueue_trial({}, skip_if_exists=False)
         return "run"
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"

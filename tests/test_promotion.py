@@ -103,6 +103,32 @@ def test_a_complete_trial_ranks_before_a_paused_one_with_the_same_value(spec: An
     assert is_paused(ranked[0]) and not is_paused(ranked[1])
 
 
+def test_without_pausing_max_tokens_stops_new_trials_once_spent(tmp_path: Path) -> None:
+    """budget.max_tokens is a budget in every study, not only a pausing one: a worker starts
+    no trial once the study's trials have trained that many tokens."""
+    from gemma_search.study import create_study, load_study
+    from gemma_search.worker import _claim_trial
+
+    url = f"sqlite:///{tmp_path / 'tokens.db'}"
+    text = pausing_spec_text("tokens", tmp_path, (tmp_path / "t.csv", tmp_path / "v.csv"),
+                             tmp_path / "ckpt", max_tokens=5000).replace(
+        "type: asha, pause: true", "type: median")
+    create_study(spec_from_text(text), url)
+    study, spec = load_study("tokens", url)
+    assert not spec.pruner.pause and spec.budget.max_tokens == 5000
+    for tokens in (2000, 2500):
+        assert _claim_trial(study, spec) == "run"  # 0, then 2000 of 5000 spent
+        trial = study.ask()
+        trial.set_user_attr("tokens_trained", tokens)
+        study.tell(trial, 0.5)
+    assert _claim_trial(study, spec) == "run"  # 4500: below the budget, one more starts
+    trial = study.ask()
+    trial.set_user_attr("tokens_trained", 3000)
+    study.tell(trial, 0.4)
+    assert _claim_trial(study, spec) == "done"  # 7500: spent, with room for 3 more trials
+    assert len(study.get_trials(deepcopy=False)) == 3 < spec.budget.max_trials
+
+
 def test_pause_needs_asha(tmp_path: Path) -> None:
     from gemma_search.errors import SpecError
 
