@@ -88,7 +88,8 @@ ROWS: dict[str, str] = {
     "small_beside": "small study ({small} trials) `status`, beside the big one",
     "dash_ready": "`gemma-search dashboard`: start until it prints its link",
     "dash_detail": "dashboard: study detail API, cold (first call)",
-    "dash_mb": "dashboard: study detail answer, MB",
+    "dash_mb": "dashboard: study detail answer as sent to a browser (gzip), MB",
+    "dash_json_mb": "dashboard: study detail answer unpacked (JSON), MB",
     "dash_importances": "dashboard: param importances API",
     "optuna_trials": "reference: plain Optuna `study.trials` (in-process)",
     "optuna_best": "reference: plain Optuna `study.best_trial` (in-process)",
@@ -100,7 +101,7 @@ ROWS: dict[str, str] = {
 #: Rows measured only with --worker.
 WORKER_ROWS = {"worker_ready", "worker_claim", "worker_eval"}
 #: Rows that are sizes, not seconds.
-SIZES = {"dash_mb"}
+SIZES = {"dash_mb", "dash_json_mb"}
 
 
 # --------------------------------------------------------------------------- databases
@@ -495,12 +496,19 @@ def dashboard(name: str, url: str) -> Iterator[tuple[float, str, int]]:
             proc.wait()
 
 
-def get(address: str) -> tuple[float, int]:
-    """Seconds and bytes of one GET."""
+def get(address: str, *, gzip: bool = False) -> tuple[float, int, int]:
+    """Seconds of one GET, bytes sent, and bytes once unpacked. `gzip`: ask as a browser
+    does (Accept-Encoding: gzip); the seconds include the server's compression."""
+    import gzip as gz
+
+    request = urllib.request.Request(address, headers={"Accept-Encoding": "gzip"} if gzip
+                                     else {})
     t0 = time.perf_counter()
-    with urllib.request.urlopen(address, timeout=900) as answer:
+    with urllib.request.urlopen(request, timeout=900) as answer:
         body = answer.read()
-    return time.perf_counter() - t0, len(body)
+        packed = answer.headers.get("Content-Encoding") == "gzip"
+    took = time.perf_counter() - t0
+    return took, len(body), len(gz.decompress(body)) if packed else len(body)
 
 
 def optuna_reference(name: str, url: str) -> tuple[float, float]:
@@ -626,9 +634,10 @@ def measure(sizes: list[int], urls: dict[int, str], alone: str, rounds: int, out
                                                               url)))
             with dashboard(name, url) as (ready, base, study_id):
                 got["dash_ready"].append(ready)
-                took, size = get(f"{base}/api/studies/{study_id}?after=0")
+                took, sent, size = get(f"{base}/api/studies/{study_id}?after=0", gzip=True)
                 got["dash_detail"].append(took)
-                got["dash_mb"].append(size / 1e6)
+                got["dash_mb"].append(sent / 1e6)
+                got["dash_json_mb"].append(size / 1e6)
                 got["dash_importances"].append(
                     get(f"{base}/api/studies/{study_id}/param_importances")[0])
             trials_s, best_s = optuna_reference(name, url)

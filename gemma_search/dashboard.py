@@ -30,7 +30,7 @@ from optuna.storages import BaseStorage
 
 from gemma_search.errors import GemmaSearchError
 
-__all__ = ["Access", "Guard", "ReadOnlyStorage", "access_for", "bind", "dashboard_link",
+__all__ = ["Access", "Compress", "Guard", "ReadOnlyStorage", "access_for", "bind", "dashboard_link",
            "is_loopback", "read_token", "serve"]
 
 #: Methods that only read; anything else is a write to optuna-dashboard's API.
@@ -229,6 +229,74 @@ class Guard:
         return [body]
 
 
+class Compress:
+    """WSGI middleware: gzip an answer for a client that accepts it (every browser does).
+
+    optuna-dashboard sends a study page's trials as one JSON answer of about 4 KB a trial,
+    most of it each parameter's distribution, repeated in every trial: 42 MB for 10,000
+    trials. That repetition is what gzip removes best (docs/benchmarks.md, "Study scale").
+    Answers below `MIN_BYTES`, already encoded, or not 200 pass as they are.
+    """
+
+    MIN_BYTES = 1024
+    LEVEL = 5  # 42 MB of trials in well under a second; higher levels gain little here
+
+    def __init__(self, app: Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+                 ) -> None:
+        self._app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse
+                 ) -> Iterable[bytes]:
+        if not accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            return self._app(environ, start_response)
+        answer: dict[str, Any] = {}
+        written: list[bytes] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None
+                    ) -> Callable[[bytes], Any]:
+            answer.update(status=status, headers=headers)
+            return written.append
+
+        result = self._app(environ, capture)
+        try:
+            written.extend(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        body = b"".join(written)
+        status, headers = answer["status"], answer["headers"]
+        names = {name.lower() for name, _ in headers}
+        if (len(body) < self.MIN_BYTES or "content-encoding" in names
+                or not status.startswith("200") or environ.get("REQUEST_METHOD") == "HEAD"):
+            start_response(status, headers)
+            return [body]
+        import gzip
+
+        packed = gzip.compress(body, self.LEVEL, mtime=0)
+        start_response(status, [(k, v) for k, v in headers if k.lower() != "content-length"]
+                       + [("Content-Encoding", "gzip"), ("Content-Length", str(len(packed))),
+                          ("Vary", "Accept-Encoding")])
+        return [packed]
+
+
+def accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header admits gzip (`gzip;q=0` refuses it)."""
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip().lower() in ("gzip", "*"):
+            q = params.strip().lower()
+            return not (q.startswith("q=") and _quality(q[2:]) == 0)
+    return False
+
+
+def _quality(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 1.0
+
+
 def _refuse(start_response: StartResponse, status: str, why: str,
             headers: Sequence[tuple[str, str]] = ()) -> list[bytes]:
     body = f"{status}: {why}\n".encode()
@@ -365,7 +433,7 @@ def serve(name: str, url: str, host: str = "127.0.0.1", port: int = 8080, *,
     import optuna_dashboard
 
     app = optuna_dashboard.wsgi(ReadOnlyStorage(storage) if access.read_only else storage)
-    server = bind(Guard(app, access), host, port)
+    server = bind(Guard(Compress(app), access), host, port)
     bound = int(server.server_address[1])
     try:
         note = sharing_note(host, access)

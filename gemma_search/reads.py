@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["count_states", "frozen_study", "read_trials"]
+__all__ = ["count_states", "frozen_study", "read_trials", "trial_rows"]
 
 #: Per study object read before: (the first trial id to read again, the trials below it).
 _SEEN: weakref.WeakKeyDictionary[Any, tuple[int, dict[int, Any]]] = \
@@ -112,10 +112,42 @@ def _relational(study: Any) -> Any:
     return storage if isinstance(storage, optuna.storages.RDBStorage) else None
 
 
-def _read_tables(storage: Any, study_id: int, since: int) -> tuple[int, list[Any]]:
-    """The study's trials of id `since` or more from Optuna's tables, and how many it has
-    below `since` (0 without counting when `since` is 0): six or seven statements, one
-    transaction."""
+def trial_rows(storage: Any, study_id: int, since: int, also: Iterable[int] = (),
+               states: Iterable[Any] | None = None) -> list[Any]:
+    """What `RDBStorage._get_trials` returns (gemma-search's storage reads through this):
+    the study's trials of id `since` or more, and those of id in `also`, in `states` when
+    given, in trial-id order; six statements, the collector paused (see `read_trials`)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        fresh = _read_tables(storage, study_id, since, count=False, also=also,
+                             states=states)[1]
+        if not fresh:
+            _check_study(storage, study_id)
+        return sorted(fresh, key=lambda t: t._trial_id)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _check_study(storage: Any, study_id: int) -> None:
+    """Optuna's KeyError for a study id that does not exist, as its reader raises."""
+    from optuna.storages._rdb import models
+    from sqlalchemy import select
+
+    table = models.StudyModel.__table__
+    with storage.engine.connect() as conn:
+        if conn.execute(select(table.c.study_id).where(table.c.study_id == study_id)
+                        ).first() is None:
+            raise KeyError(f"No study with study_id {study_id} exists.")
+
+
+def _read_tables(storage: Any, study_id: int, since: int, *, count: bool = True,
+                 also: Iterable[int] = (), states: Iterable[Any] | None = None
+                 ) -> tuple[int, list[Any]]:
+    """The study's trials of id `since` or more (or in `also`; in `states` if given) from
+    Optuna's tables, and how many it has below `since` (0 without counting, when `since` is
+    0 or `count` is False): six or seven statements, one transaction."""
     from optuna.storages._rdb import models
     from sqlalchemy import func, inspect, select
 
@@ -137,7 +169,13 @@ def _read_tables(storage: Any, study_id: int, since: int) -> tuple[int, list[Any
         "user_attributes": models.TrialUserAttributeModel.__table__,
         "system_attributes": models.TrialSystemAttributeModel.__table__,
         "intermediate_values": models.TrialIntermediateValueModel.__table__}
-    ours = (trials.c.study_id == study_id) & (trials.c.trial_id >= since)
+    wanted = trials.c.trial_id >= since
+    also = sorted(set(also))
+    if also:
+        wanted = wanted | trials.c.trial_id.in_(also)
+    ours = (trials.c.study_id == study_id) & wanted
+    if states is not None:
+        ours = ours & trials.c.state.in_(list(states))
     engine = storage.engine
     rows: dict[int, Any] = {}
     counted = 0
@@ -145,7 +183,7 @@ def _read_tables(storage: Any, study_id: int, since: int) -> tuple[int, list[Any
             engine.connect() as conn:
         if engine.dialect.name in ("postgresql", "mysql"):  # one snapshot for every read
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
-        if since > 0:
+        if since > 0 and count:
             counted = conn.execute(select(func.count()).select_from(trials).where(
                 (trials.c.study_id == study_id) & (trials.c.trial_id < since))).scalar_one()
         for values in conn.execute(select(*columns).where(ours)

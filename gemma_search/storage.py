@@ -16,6 +16,7 @@ met there becomes one `StorageError` in one place (`storage_errors`, after Optun
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -261,8 +262,7 @@ def open_storage(url: str, *, must_exist: bool = False,
     deadline = time.monotonic() + connect_patience
     for attempt in itertools.count():
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_options(parsed),
-                                                 **kwargs)
+            storage = _tables_storage()(url, engine_kwargs=_engine_options(parsed), **kwargs)
             break
         except Exception as exc:
             # Optuna wraps a refused connection in StorageInternalError: read the chain.
@@ -278,6 +278,28 @@ def open_storage(url: str, *, must_exist: bool = False,
     if parsed.get_backend_name() == "sqlite":
         storage.engine.dispose()  # connections opened before the hooks are dropped
     return storage
+
+
+@functools.cache
+def _tables_storage() -> type:
+    """`RDBStorage` whose trial reads (every `get_all_trials`, its own and those of the
+    cache Optuna puts in front of it, `_CachedStorage`) go through `reads.trial_rows`: one
+    statement per table with the collector paused, not ORM objects in chunks of 500. The
+    first read of a 10,000-trial study is what a worker's sampler, the median pruner and
+    optuna-dashboard wait for; everything else is Optuna's own."""
+    import optuna
+
+    class TablesStorage(optuna.storages.RDBStorage):
+        def _get_trials(self, study_id: int, states: Any, included_trial_ids: set[int],
+                        trial_id_greater_than: int) -> list[Any]:
+            from gemma_search.reads import trial_rows
+
+            if trial_id_greater_than < 0:  # Optuna's reader: everything, `included` or not
+                return trial_rows(self, study_id, 0, states=states)
+            also = [i for i in included_trial_ids if i <= trial_id_greater_than]
+            return trial_rows(self, study_id, trial_id_greater_than + 1, also, states)
+
+    return TablesStorage
 
 
 @contextmanager

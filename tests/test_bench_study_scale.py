@@ -74,6 +74,7 @@ def test_bench_prints_every_row_with_numbers_and_writes_its_docs_section(
     samples = json.loads(out.read_text())["samples"]["30"]
     assert all(len(samples[key]) == 1 for key in b.ROWS if key not in b.WORKER_ROWS)
     assert min(samples["report"]) > 0 and samples["dash_mb"][0] > 0
+    assert samples["dash_mb"][0] < samples["dash_json_mb"][0] / 3  # gzip, as to a browser
 
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nearlier text\n\n" + b.HEADING + "\n\n" + b.BEGIN)

@@ -318,6 +318,38 @@ def test_loopback_refuses_other_host_names_and_cross_site_writes(
     assert server.interrupt() == 0, server.output()
 
 
+def test_answers_are_gzipped_for_a_client_that_accepts_it(
+        dashboard: Callable[..., Dashboard]) -> None:
+    """The study page's trials travel compressed to a browser, unchanged once unpacked, and
+    plain to a client that does not ask for gzip."""
+    import gzip
+    import json
+
+    from gemma_search.dashboard import accepts_gzip
+
+    server = dashboard("--port", "0")
+    base = f"http://127.0.0.1:{urlsplit(server.link()).port}"
+
+    def get(**headers: str) -> tuple[dict[str, str], bytes]:
+        req = urllib.request.Request(base + API, headers=headers)
+        with urllib.request.urlopen(req, timeout=30) as answer:
+            return dict(answer.headers), answer.read()
+
+    plain_headers, plain = get()
+    assert "Content-Encoding" not in plain_headers
+    packed_headers, packed = get(**{"Accept-Encoding": "br, gzip;q=0.8"})
+    assert packed_headers["Content-Encoding"] == "gzip"
+    assert int(packed_headers["Content-Length"]) == len(packed) < len(plain) / 3
+    assert json.loads(gzip.decompress(packed))["trials"] == json.loads(plain)["trials"]
+    assert len(json.loads(plain)["trials"]) == N_TRIALS
+    refused_headers, _ = get(**{"Accept-Encoding": "gzip;q=0"})
+    assert "Content-Encoding" not in refused_headers
+    assert [accepts_gzip(h) for h in ("gzip", "deflate, GZIP", "*", "br", "", "gzip;q=0.0",
+                                      "identity")] == [True, True, True, False, False, False,
+                                                       False]
+    assert server.interrupt() == 0, server.output()
+
+
 def test_token_file_and_read_only_on_loopback(dashboard: Callable[..., Dashboard],
                                               study_url: str, tmp_path: Path) -> None:
     token_file = tmp_path / "token"

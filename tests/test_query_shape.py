@@ -228,9 +228,13 @@ def test_read_trials_is_what_optuna_reads(storage_url: str) -> None:
             system_attrs={"retry_history": [i]},
             intermediate_values={1: float("nan"), 2: float("inf"), 3: -float("inf"),
                                  4: 0.5}))
+    # Optuna's own reader, on a storage of its own: gemma-search's storage reads through
+    # `reads` too (test_the_storage_reads_trials_as_optuna_does).
+    plain = optuna.load_study(study_name=study.study_name,
+                              storage=optuna.storages.RDBStorage(storage_url))
     with recorded() as statements:
         trials = read_trials(study)
-    expected = study.get_trials(deepcopy=False)
+    expected = plain.get_trials(deepcopy=False)
     assert len(trials) == 33 and [t.number for t in trials] == list(range(33))
     assert_same(trials, expected)
     queries = [s for s, _ in statements if s.lstrip().upper().startswith("SELECT")]
@@ -243,7 +247,7 @@ def test_read_trials_is_what_optuna_reads(storage_url: str) -> None:
     study.add_trial(synthetic_trials(1, seed=3)[0])
     with recorded() as statements:
         again = read_trials(study)
-    assert_same(again, study.get_trials(deepcopy=False))
+    assert_same(again, plain.get_trials(deepcopy=False))
     assert again[27].state == TrialState.COMPLETE and len(again) == 34
     rows = [s for s, _ in statements if re.search(r"\bfrom trials\b", s, re.I)
             and "count(" not in s.lower()]
@@ -253,7 +257,44 @@ def test_read_trials_is_what_optuna_reads(storage_url: str) -> None:
     # everything read again.
     since, known = reads._SEEN[study]
     reads._SEEN[study] = (since, dict(list(known.items())[1:]))
-    assert_same(read_trials(study), study.get_trials(deepcopy=False))
+    assert_same(read_trials(study), plain.get_trials(deepcopy=False))
+
+
+def test_the_storage_reads_trials_as_optuna_does(storage_url: str) -> None:
+    """gemma-search's storage answers every trial read (the sampler's, the pruner's,
+    optuna-dashboard's, through Optuna's cache or not) with the trials Optuna's reader
+    builds, in six statements on this study's rows whatever the read asks for."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tag = uuid.uuid4().hex[:6]
+    storage = open_storage(storage_url)
+    plain = optuna.storages.RDBStorage(storage_url)
+    optuna.create_study(study_name=f"next-{tag}", storage=storage).add_trials(
+        synthetic_trials(12, seed=4))
+    study = optuna.create_study(study_name=f"read-{tag}", storage=storage)
+    study.add_trials(synthetic_trials(30, seed=5))
+    sid = study._study_id
+    ids = [t._trial_id for t in plain.get_all_trials(sid)]
+    # Whole reads and the incremental ones of Optuna's cache (trials after the last
+    # finished one, plus the unfinished ones before it), with and without a state filter.
+    for states, included, after in ((None, set(), -1),
+                                    ((TrialState.COMPLETE, TrialState.PRUNED), set(), -1),
+                                    (None, {ids[3], ids[28], ids[29]}, ids[10]),
+                                    ((TrialState.RUNNING,), {ids[27]}, ids[20]),
+                                    (None, set(), ids[-1])):
+        with recorded() as statements:
+            got = storage._get_trials(sid, states, included, after)
+        assert_same(got, plain._get_trials(sid, states, included, after))
+        selects = [s for s, _ in statements if s.lstrip().upper().startswith("SELECT")]
+        assert len(selects) == (6 if got else 7), selects  # + the study's existence
+        assert_reads_only(statements, {sid}, set(ids))
+    # What a sampler reads: through Optuna's cache in front of the storage, then again
+    # after a trial finished (only what changed).
+    loaded = optuna.load_study(study_name=study.study_name, storage=storage)
+    assert_same(loaded.get_trials(deepcopy=False), plain.get_all_trials(sid))
+    study.tell(28, 0.3)
+    assert_same(loaded.get_trials(deepcopy=False), plain.get_all_trials(sid))
+    with pytest.raises(KeyError, match="No study with study_id"):
+        storage.get_all_trials(sid + 10_000)
 
 
 def assert_same(trials: list[Any], expected: list[Any]) -> None:
