@@ -64,6 +64,14 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "tpe+asha-pause": {"sampler": "tpe", "pruner": {
         "type": "asha", "pause": "true", "min_resource": 1, "reduction_factor": 3},
         "token_fraction": 1 / 3, "trials_factor": 5},
+    # The same with later rungs, where the ranking of early evaluations starts to hold:
+    # rungs at 4 and 8 (half go on at each), and at 2 and 6 (a third).
+    "tpe+asha-pause(min4,rf2)": {"sampler": "tpe", "pruner": {
+        "type": "asha", "pause": "true", "min_resource": 4, "reduction_factor": 2},
+        "token_fraction": 1 / 3, "trials_factor": 5},
+    "tpe+asha-pause(min2,rf3)": {"sampler": "tpe", "pruner": {
+        "type": "asha", "pause": "true", "min_resource": 2, "reduction_factor": 3},
+        "token_fraction": 1 / 3, "trials_factor": 5},
     # Random search stopped at a third of the no-pruning compute (`budget.max_tokens` starts
     # no trial past it): the equal-compute baseline of tpe+asha-pause, for a third of the cost
     # of random+none. It answers "vs random at equal compute" only for strategies that spent

@@ -14,10 +14,11 @@ trials `study.get_trials()` returns (tests/test_query_shape.py compares them). O
 reader loads the same rows as ORM objects in chunks of 500 trials: 2-3 times the time, and
 one more statement per table for every further 500 trials.
 
-Reading the same study object again (`status --watch`) reads only what can have changed,
-as Optuna's own cache does: trials from the oldest unfinished one on (a finished trial is
-never written again), and a count of the others, which has everything read again if a trial
-appeared among them late.
+Reading the same study object again (`status --watch`, a worker's every claim) reads only
+what can have changed, as Optuna's own cache does: the trials that were unfinished and the
+ones added since (a finished trial is never written again), and a count of the others,
+which has everything read again if a trial appeared among them late. `live_study` gives a
+worker's sampler and pruner that same incremental read.
 
 `count_states` is the one place trials are counted by state.
 """
@@ -30,9 +31,9 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["count_states", "frozen_study", "read_trials", "trial_rows"]
+__all__ = ["count_states", "frozen_study", "live_study", "read_trials", "trial_rows"]
 
-#: Per study object read before: (the first trial id to read again, the trials below it).
+#: Per study object read before: (the highest trial id read, every trial read by id).
 _SEEN: weakref.WeakKeyDictionary[Any, tuple[int, dict[int, Any]]] = \
     weakref.WeakKeyDictionary()
 
@@ -51,17 +52,15 @@ def read_trials(study: Any) -> list[Any]:
         storage = _relational(study)
         if storage is None:  # in memory, a journal, or a `frozen_study`: its own reader
             return list(study.get_trials(deepcopy=False))
-        since, known = _SEEN.get(study, (0, {}))
-        counted, fresh = _read_tables(storage, study._study_id, since)
-        if counted != len(known):  # a trial below `since` committed late: read them all
+        top, known = _SEEN.get(study, (-1, {}))
+        unfinished = [i for i, t in known.items() if not t.state.is_finished()]
+        counted, fresh = _read_tables(storage, study._study_id, top + 1, also=unfinished)
+        if counted != len(known):  # a trial at or below `top` committed late: read them all
             known = {}
             counted, fresh = _read_tables(storage, study._study_id, 0)
         by_id = {**known, **{t._trial_id: t for t in fresh}}
-        trials = sorted(by_id.values(), key=lambda t: t.number)
-        since = min([t._trial_id for t in trials if not t.state.is_finished()],
-                    default=max(by_id, default=-1) + 1)
-        _SEEN[study] = (since, {i: t for i, t in by_id.items() if i < since})
-        return trials
+        _SEEN[study] = (max(by_id, default=top), by_id)
+        return sorted(by_id.values(), key=lambda t: t.number)
     finally:
         if enabled:
             gc.enable()
@@ -85,6 +84,25 @@ def frozen_study(study: Any, trials: list[Any]) -> Any:
     snapshot._get_trials = lambda deepcopy=True, states=None, use_cache=False: get_trials(
         deepcopy, states)
     return snapshot
+
+
+def live_study(study: Any) -> Any:
+    """`study` whose trial reads (`get_trials`, `trials`, `_get_trials`) answer from
+    `read_trials(study)`: each one reads only what changed since the last (see the module
+    docstring). A worker hands it to the trials it runs, so that the sampler's history and
+    the pruner's comparisons do not read the whole study through Optuna (2 s at 10,000
+    trials, and again for each process). Everything else reaches the storage as before."""
+    view = copy.copy(study)
+
+    def get_trials(deepcopy: bool = True, states: Any = None) -> list[Any]:
+        trials = read_trials(study)
+        chosen = trials if states is None else [t for t in trials if t.state in states]
+        return copy.deepcopy(chosen) if deepcopy else chosen
+
+    view.get_trials = get_trials
+    view._get_trials = lambda deepcopy=True, states=None, use_cache=False: get_trials(
+        deepcopy, states)
+    return view
 
 
 def count_states(trials: Iterable[Any]) -> dict[str, int]:
@@ -201,4 +219,35 @@ def _read_tables(storage: Any, study_id: int, since: int, *, count: bool = True,
                 trial = rows.get(r.trial_id)
                 if trial is not None:  # not a trial created after the first statement
                     getattr(trial, attr).append(r)
-    return counted, [storage._build_frozen_trial_from_trial_model(t) for t in rows.values()]
+    return counted, [_build(storage, row) for row in rows.values()]
+
+
+def _build(storage: Any, row: Any) -> Any:
+    """Optuna's frozen trial for `row` (`RDBStorage`'s own builder), its params' distributions
+    parsed once per distinct JSON text instead of twice per param: every trial of a study
+    stores the same few texts, and parsing them was a third of a 10,000-trial read."""
+    from optuna.distributions import json_to_distribution
+
+    params, row.params = row.params, []
+    trial = storage._build_frozen_trial_from_trial_model(row)
+    row.params = params
+    if params:
+        parse = _PARSED.get
+        dists = {}
+        for p in params:
+            dist = parse(p.distribution_json)
+            if dist is None:
+                if len(_PARSED) > 10_000:  # a long-lived reader of many studies
+                    _PARSED.clear()
+                dist = _PARSED.setdefault(p.distribution_json,
+                                          json_to_distribution(p.distribution_json))
+            dists[p.param_name] = dist
+        trial.params = {p.param_name: dists[p.param_name].to_external_repr(p.param_value)
+                        for p in params}
+        trial.distributions = dists
+    return trial
+
+
+#: Distribution JSON text -> the distribution, shared by the trials read (Optuna's
+#: distributions are never changed once made).
+_PARSED: dict[str, Any] = {}

@@ -31,7 +31,7 @@ from typing import Any
 from gemma_search import promotion
 from gemma_search.errors import GemmaSearchError, SpecError, first_line
 from gemma_search.promotion import pausing
-from gemma_search.reads import read_trials
+from gemma_search.reads import live_study, read_trials
 from gemma_search.spec import StorageSpec, StudySpec
 from gemma_search.storage import (
     StudyLock,
@@ -348,6 +348,9 @@ def _claim(study: Any, spec: StudySpec, lock: StudyLock, engine: Any) -> tuple[s
     it fails the whole claim, which the caller retries from the lock."""
     import optuna
 
+    # Read the study before taking the lock: the first read of a process is the whole study
+    # (1.6 s at 10,000 trials), and the reads under the lock then take only what changed.
+    read_trials(study)
     lock.acquire()
     try:
         if pausing(spec):
@@ -356,7 +359,7 @@ def _claim(study: Any, spec: StudySpec, lock: StudyLock, engine: Any) -> tuple[s
             action, trial_id = _claim_trial(study, spec, engine), None
             if action == "run":  # what `study.ask` does, less the sampling
                 study._thread_local.cached_all_trials = None
-                trial_id = study._pop_waiting_trial_id()
+                trial_id = _pop_waiting(study)
                 if trial_id is None:
                     trial_id = study._storage.create_new_trial(study._study_id)
     finally:
@@ -365,8 +368,28 @@ def _claim(study: Any, spec: StudySpec, lock: StudyLock, engine: Any) -> tuple[s
         return action, None
     # The trial exists and is RUNNING: the budget counts it. Sampling its parameters (the
     # sampler reads the study's history) needs no lock, so other workers claim meanwhile.
+    # The sampler and the pruner read the history incrementally (`live_study`).
     study._thread_local.cached_all_trials = None
-    return action, optuna.Trial(study, trial_id)
+    return action, optuna.Trial(live_study(study), trial_id)
+
+
+def _pop_waiting(study: Any) -> int | None:
+    """`Study._pop_waiting_trial_id` on `read_trials`: the id of the oldest waiting trial,
+    now set RUNNING for this worker, or None. Optuna's own reads the study through its cache,
+    whose first read in a process is the whole study, under the lock."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    for trial in read_trials(study):
+        if trial.state != TrialState.WAITING:
+            continue
+        try:  # False or an error: another process took it or finished it meanwhile
+            if study._storage.set_trial_state_values(trial._trial_id,
+                                                     state=TrialState.RUNNING):
+                return trial._trial_id
+        except UpdateFinishedTrialError:
+            continue
+    return None
 
 
 def _claim_paused(study: Any, spec: StudySpec, engine: Any) -> tuple[str, int | None]:
