@@ -97,9 +97,10 @@ ROWS: dict[str, str] = {
                     "baselines measured)",
     "worker_claim": "worker: claim of its first trial (count, enqueue, pop, sample)",
     "worker_eval": "worker: start until its trial's first evaluation is reported",
+    "worker_lock": "worker: its first claim's time under the study lock (in-process)",
 }
 #: Rows measured only with --worker.
-WORKER_ROWS = {"worker_ready", "worker_claim", "worker_eval"}
+WORKER_ROWS = {"worker_ready", "worker_claim", "worker_eval", "worker_lock"}
 #: Rows that are sizes, not seconds.
 SIZES = {"dash_mb", "dash_json_mb"}
 
@@ -586,6 +587,39 @@ def worker_timing(name: str, url: str, n: int, workdir: Path) -> tuple[float, fl
     return registered, claimed - registered, evaluated
 
 
+def claim_under_lock(name: str, url: str, n: int) -> float:
+    """Seconds a fresh worker's first claim holds the study lock: `worker._claim` in this
+    process, on a newly loaded study (nothing read before), the lock timed from acquired to
+    released; then the claimed trial is deleted."""
+    from gemma_search import db
+    from gemma_search.storage import StudyLock
+    from gemma_search.study import load_study
+    from gemma_search.worker import _claim
+
+    study, spec = load_study(name, url, heartbeat=True)
+    lock, engine = StudyLock(url, name), db.make_engine(url)
+    held: list[float] = []
+    acquire, release = lock.acquire, lock.release
+
+    def timed_acquire() -> None:
+        acquire()
+        held.append(time.perf_counter())
+
+    def timed_release() -> None:
+        held.append(time.perf_counter())
+        release()
+
+    lock.acquire, lock.release = timed_acquire, timed_release  # type: ignore[method-assign]
+    try:
+        action, trial = _claim(study, spec, lock, engine)
+        assert action == "run" and trial is not None, action
+    finally:
+        undo_worker(engine, name, study._study_id, n)
+        study._storage._backend.engine.dispose()
+        engine.dispose()
+    return held[1] - held[0]
+
+
 def undo_worker(engine: Any, name: str, study_id: int, n: int) -> None:
     """Delete what a worker wrote to study `name`: its trials from number `n` on, its rows
     in gemma-search's tables and the baselines it measured."""
@@ -649,6 +683,7 @@ def measure(sizes: list[int], urls: dict[int, str], alone: str, rounds: int, out
                 got["worker_ready"].append(registered)
                 got["worker_claim"].append(claim)
                 got["worker_eval"].append(evaluated)
+                got["worker_lock"].append(claim_under_lock(name, url, n))
             say(f"round {r + 1}/{rounds}, {n:,} trials: " + ", ".join(
                 f"{k} {v[-1]:.2f}" for k, v in got.items() if v))
     return samples

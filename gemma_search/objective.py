@@ -147,6 +147,16 @@ def study_checkpoint_dir(spec: StudySpec) -> Path:
     return root
 
 
+
+def _set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
+    """Every item of `attrs` as a user attribute of `trial`: in one transaction from the
+    worker's `PatientTrial`, one by one from a plain `optuna.Trial`."""
+    if hasattr(trial, "set_user_attrs"):
+        trial.set_user_attrs(attrs)
+        return
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
 class Objective:
     """Called with each trial the worker asks for: trains it on the worker's resident model."""
 
@@ -197,14 +207,14 @@ class Objective:
         # A retry inherits its predecessor's user attributes (Optuna copies them): why that
         # one stopped is history, not this run's outcome.
         inherited = trial.user_attrs.get("stop_reason") or trial.user_attrs.get("fail_reason")
+        start: dict[str, Any] = {}
         if inherited is not None:
-            trial.set_user_attr("predecessor_stop", inherited)
-            for key in ("fail_reason", "stop_reason"):
-                if key in trial.user_attrs:
-                    trial.set_user_attr(key, None)
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("gpus", 1)
-        trial.set_user_attr("data_fingerprint", self.data.fingerprint)
+            start["predecessor_stop"] = inherited
+            start |= {key: None for key in ("fail_reason", "stop_reason")
+                      if key in trial.user_attrs}
+        start |= {"host": socket.gethostname(), "gpus": 1,
+                  "data_fingerprint": self.data.fingerprint}
+        _set_user_attrs(trial, start)
         from gemma_search import db
 
         if self.status is not None:
@@ -249,30 +259,31 @@ class Objective:
                 log.warning("trial %s left %.1f MiB above the post-load baseline", trial.number,
                             leftover / 2**20)
                 trial.set_user_attr("memory_above_baseline_bytes", leftover)
-        # Metrics of the best evaluation, and what the trial cost.
-        for key, value in result.metrics.items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr("tokens_trained", result.tokens_trained)
-        trial.set_user_attr("optimizer_steps", result.optimizer_steps)
-        # Over all its segments, when it paused and was resumed.
+        # Metrics of the best evaluation, and what the trial cost; over all its segments
+        # when it paused and was resumed. One transaction for them all (`set_user_attrs`).
         seconds = float(segment.get("seconds_before", 0.0)) + result.wall_seconds
-        trial.set_user_attr("wall_seconds", round(seconds, 3))
-        trial.set_user_attr("peak_memory_bytes", result.peak_memory_bytes)
-        trial.set_user_attr("stop_reason", result.stop_reason)
-        trial.set_user_attr("resumed_from_step", result.resumed_from_step)
-        # Steps, warmup, evaluation points and precision as planned: `export` writes them into
-        # training_args.json so that plain transformers repeats this very run.
-        trial.set_user_attr("schedule", result.schedule)
+        results: dict[str, Any] = {
+            **result.metrics,
+            "tokens_trained": result.tokens_trained,
+            "optimizer_steps": result.optimizer_steps,
+            "wall_seconds": round(seconds, 3),
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "stop_reason": result.stop_reason,
+            "resumed_from_step": result.resumed_from_step,
+            # Steps, warmup, evaluation points and precision as planned: `export` writes
+            # them into training_args.json so that plain transformers repeats this very run.
+            "schedule": result.schedule,
+            # How it ran, for the dashboard's trial page (one dict: not a metric to rank on).
+            "engine": {
+                "attention": self.base.attn_implementation, "loss": result.loss_backend,
+                "fused_kernels": self.base.fused_kernels, "quantized": self.base.quantized,
+                "micro_batch_size": result.micro_batch_size,
+                "activation_checkpointing": result.activation_checkpointing,
+                "memory_plan": result.plan, "setup_seconds": round(result.setup_seconds, 3),
+                "teardown_seconds": round(result.teardown_seconds, 3)}}
         if result.oom_events:
-            trial.set_user_attr("oom_events", result.oom_events)
-        # How it ran, for the dashboard's trial page (one dict: not a metric to rank on).
-        trial.set_user_attr("engine", {
-            "attention": self.base.attn_implementation, "loss": result.loss_backend,
-            "fused_kernels": self.base.fused_kernels, "quantized": self.base.quantized,
-            "micro_batch_size": result.micro_batch_size,
-            "activation_checkpointing": result.activation_checkpointing,
-            "memory_plan": result.plan, "setup_seconds": round(result.setup_seconds, 3),
-            "teardown_seconds": round(result.teardown_seconds, 3)})
+            results["oom_events"] = result.oom_events
+        _set_user_attrs(trial, results)
         if result.stop_reason == "paused":
             last = result.history[-1] if result.history else None
             raise TrialPaused(trial.number, {

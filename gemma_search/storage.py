@@ -299,7 +299,43 @@ def _tables_storage() -> type:
             also = [i for i in included_trial_ids if i <= trial_id_greater_than]
             return trial_rows(self, study_id, trial_id_greater_than + 1, also, states)
 
+        def get_study_id_from_name(self, study_name: str) -> int:
+            # A study keeps its id for life, and Optuna asks for it often (each `Study`
+            # object made, such as Hyperband's per bracket at every evaluation).
+            ids = self.__dict__.setdefault("_gs_study_ids", {})
+            if study_name not in ids:
+                ids[study_name] = super().get_study_id_from_name(study_name)
+            return int(ids[study_name])
+
+        def delete_study(self, study_id: int) -> None:
+            super().delete_study(study_id)
+            self.__dict__.get("_gs_study_ids", {}).clear()
+
+        def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+            """`set_trial_user_attr` for each item, in one transaction: one connection
+            instead of one each (a trial's results are a dozen attributes)."""
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            with _create_scoped_session(self.scoped_session, True) as session:
+                for key, value in attrs.items():
+                    self._set_trial_attr_without_commit(
+                        session, models.TrialUserAttributeModel, trial_id, key, value)
+
     return TablesStorage
+
+
+def set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
+    """`trial.set_user_attr(key, value)` for every item of `attrs` (an `optuna.Trial`), in
+    one transaction where the storage is gemma-search's."""
+    storage = trial.storage
+    write = getattr(getattr(storage, "_backend", storage), "set_trial_user_attrs", None)
+    if write is None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    write(trial._trial_id, attrs)
+    trial._cached_frozen_trial.user_attrs.update(attrs)  # what `set_user_attr` keeps too
 
 
 @contextmanager

@@ -206,12 +206,20 @@ class PatientTrial:
     The objective only calls methods that are safe to repeat after a failure that may have
     come after the commit: `suggest_*` (Optuna ignores a parameter stored twice, and an
     enqueued or relative parameter is the same value again), `set_user_attr` and `report`
-    (one row per key and step, overwritten), `should_prune` (a read).
+    (one row per key and step, overwritten; `set_user_attrs` is those in one transaction),
+    `should_prune` (a read).
     """
 
     def __init__(self, trial: Any, patience: float) -> None:
         self._trial = trial
         self._patience = patience
+
+    def set_user_attrs(self, attrs: dict[str, Any]) -> None:
+        """`set_user_attr` for every item, in one transaction (`storage.set_user_attrs`)."""
+        from gemma_search.storage import set_user_attrs
+
+        retry_transient(lambda: set_user_attrs(self._trial, attrs), patience=self._patience,
+                        what=f"trial {self._trial.number}: set_user_attrs")
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._trial, name)
