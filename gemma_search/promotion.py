@@ -291,8 +291,9 @@ def collect_checkpoints(study: Any, spec: StudySpec, *, paused: bool = False) ->
     from optuna.trial import TrialState
 
     from gemma_search.objective import checkpoint_dir
+    from gemma_search.reads import read_trials
 
-    trials = study.get_trials(deepcopy=False)
+    trials = read_trials(study)
     live = [t for t in trials if t.state == TrialState.RUNNING
             or (t.state == TrialState.WAITING and not is_paused(t))]
     keep = {t.number for t in live} | {n for t in live

@@ -521,7 +521,7 @@ def _hand_back(study: Any, spec: StudySpec, lock: StudyLock, number: int) -> Non
 
     lock.acquire()
     try:
-        trials = study.get_trials(deepcopy=False)
+        trials = read_trials(study)
         if any(number in t.system_attrs.get("retry_history", ()) for t in trials
                if t.number != number):
             return
@@ -586,7 +586,7 @@ def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
     from gemma_search import db
 
     store = spec.storage
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running = [t for t in read_trials(study) if t.state == TrialState.RUNNING]
     if not running:
         return
     live = {w["current_trial"] for w in db.list_workers(engine, spec.name,
