@@ -98,9 +98,12 @@ ROWS: dict[str, str] = {
     "worker_claim": "worker: claim of its first trial (count, enqueue, pop, sample)",
     "worker_eval": "worker: start until its trial's first evaluation is reported",
     "worker_lock": "worker: its first claim's time under the study lock (in-process)",
+    "worker_switch": "worker: from one trial's last step to the next trial's first "
+                     "(in-process, median of 3 switches)",
 }
 #: Rows measured only with --worker.
-WORKER_ROWS = {"worker_ready", "worker_claim", "worker_eval", "worker_lock"}
+WORKER_ROWS = {"worker_ready", "worker_claim", "worker_eval", "worker_lock",
+               "worker_switch"}
 #: Rows that are sizes, not seconds.
 SIZES = {"dash_mb", "dash_json_mb"}
 
@@ -620,6 +623,45 @@ def claim_under_lock(name: str, url: str, n: int) -> float:
     return held[1] - held[0]
 
 
+def trial_switches(name: str, url: str, n: int, workdir: Path, trials: int = 4
+                   ) -> list[float]:
+    """Seconds from one trial's last optimizer step to the next trial's first, for `trials`
+    trials in a row of one worker (`worker.run_worker` in this process) on study `name`:
+    the trial's teardown, its results written and told, the next claim and sampling, and the
+    next trial's setup. The engine's own clocks (`setup_seconds`, `teardown_seconds`) place
+    the steps. Then what the worker wrote is deleted."""
+    import gemma_search.objective as objective
+    from gemma_search import db
+    from gemma_search.storage import open_storage
+    from gemma_search.worker import StopFlag, run_worker
+
+    real = objective.train_trial
+    marks: list[tuple[float, float]] = []  # (first step, last step done) of each trial
+    stop = StopFlag()
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        entered = time.monotonic()
+        result = real(*args, **kwargs)
+        left = time.monotonic()
+        marks.append((entered + result.setup_seconds, left - result.teardown_seconds))
+        stop.requested = len(marks) >= trials  # the worker ends after this trial
+        return result
+
+    objective.train_trial = timed
+    try:
+        run_worker(name, url, stop=stop)
+    finally:
+        objective.train_trial = real
+        storage = open_storage(url, must_exist=True)
+        engine = db.make_engine(url)
+        undo_worker(engine, name, storage.get_study_id_from_name(name), n)
+        storage.engine.dispose()
+        engine.dispose()
+        shutil.rmtree(workdir / "checkpoints" / name, ignore_errors=True)
+    assert len(marks) == trials, marks
+    return [marks[i + 1][0] - marks[i][1] for i in range(trials - 1)]
+
+
 def undo_worker(engine: Any, name: str, study_id: int, n: int) -> None:
     """Delete what a worker wrote to study `name`: its trials from number `n` on, its rows
     in gemma-search's tables and the baselines it measured."""
@@ -684,6 +726,8 @@ def measure(sizes: list[int], urls: dict[int, str], alone: str, rounds: int, out
                 got["worker_claim"].append(claim)
                 got["worker_eval"].append(evaluated)
                 got["worker_lock"].append(claim_under_lock(name, url, n))
+                got["worker_switch"].append(statistics.median(
+                    trial_switches(name, url, n, workdir)))
             say(f"round {r + 1}/{rounds}, {n:,} trials: " + ", ".join(
                 f"{k} {v[-1]:.2f}" for k, v in got.items() if v))
     return samples

@@ -378,7 +378,27 @@ def _claim(study: Any, spec: StudySpec, lock: StudyLock, engine: Any) -> tuple[s
     # sampler reads the study's history) needs no lock, so other workers claim meanwhile.
     # The sampler and the pruner read the history incrementally (`live_study`).
     study._thread_local.cached_all_trials = None
+    _show_to_optuna_cache(study, trial_id)
     return action, optuna.Trial(live_study(study), trial_id)
+
+
+def _show_to_optuna_cache(study: Any, trial_id: int) -> None:
+    """Add trial `trial_id` to the cache Optuna keeps in front of the storage.
+
+    The cache checks each parameter a trial sets against what it knows of the trial, and
+    fails on one it never read. Claims read through `read_trials`, so a trial that another
+    process created (a warm start, a retry, a paused trial) has never been through it.
+    """
+    cache = study._storage
+    add = getattr(cache, "_add_trials_to_cache", None)
+    if add is None:  # not Optuna's cache: nothing to tell
+        return
+    from optuna.storages._cached_storage import _StudyInfo
+
+    trial = cache._backend.get_trial(trial_id)
+    with cache._lock:
+        cache._studies.setdefault(study._study_id, _StudyInfo())
+        add(study._study_id, [trial])
 
 
 def _pop_waiting(study: Any) -> int | None:
