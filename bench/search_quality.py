@@ -239,8 +239,11 @@ def run_study(strategy: str, seed: int, model: Path, data: Path, work: Path,
     if not reused:
         db_path.unlink(missing_ok=True)
         create_study(spec, url)
+        started = time.perf_counter()
         run_worker(name, url)
-        optuna.load_study(study_name=name, storage=url).set_user_attr("bench_finished", True)
+        loaded = optuna.load_study(study_name=name, storage=url)
+        loaded.set_user_attr("bench_wall_seconds", round(time.perf_counter() - started, 1))
+        loaded.set_user_attr("bench_finished", True)
     study = optuna.load_study(study_name=name, storage=url)
     finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     finished.sort(key=lambda t: (t.datetime_complete, t.number))
@@ -248,8 +251,11 @@ def run_study(strategy: str, seed: int, model: Path, data: Path, work: Path,
     # by trial, so they come first in the compute curve: figures of compute to reach a loss
     # then err on the high side.
     paused = [t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("paused")]
-    wall = (finished[-1].datetime_complete - min(t.datetime_start for t in finished)
-            ).total_seconds() if finished else 0.0
+    # The worker's run, timed; a study from before that was recorded: first start to last
+    # completion (short for a pausing study, whose last trials end paused, untimed).
+    wall = study.user_attrs.get("bench_wall_seconds") or (
+        (finished[-1].datetime_complete - min(t.datetime_start for t in finished)
+         ).total_seconds() if finished else 0.0)
     trials = [{
         "number": t.number, "state": "PAUSED", "tokens": int(t.system_attrs["paused"]["tokens"]),
         "val_loss": None, "accuracy": None, "evals": len(t.intermediate_values),
