@@ -147,7 +147,6 @@ def study_checkpoint_dir(spec: StudySpec) -> Path:
     return root
 
 
-
 def _set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
     """Every item of `attrs` as a user attribute of `trial`: in one transaction from the
     worker's `PatientTrial`, one by one from a plain `optuna.Trial`."""
@@ -156,6 +155,7 @@ def _set_user_attrs(trial: Any, attrs: dict[str, Any]) -> None:
         return
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+
 
 class Objective:
     """Called with each trial the worker asks for: trains it on the worker's resident model."""

@@ -196,8 +196,14 @@ def _read_tables(storage: Any, study_id: int, since: int, *, count: bool = True,
         "intermediate_values": models.TrialIntermediateValueModel.__table__}
     wanted = trials.c.trial_id >= since
     also = sorted(set(also))
-    if also:
+    if len(also) > _BY_ID:  # too many to name: from the oldest of them on, the rest dropped
+        keep = {*also}
+        wanted = trials.c.trial_id >= min(since, also[0])
+    elif also:
+        keep = None
         wanted = wanted | trials.c.trial_id.in_(also)
+    else:
+        keep = None
     ours = (trials.c.study_id == study_id) & wanted
     if states is not None:
         ours = ours & trials.c.state.in_(list(states))
@@ -213,6 +219,8 @@ def _read_tables(storage: Any, study_id: int, since: int, *, count: bool = True,
                 (trials.c.study_id == study_id) & (trials.c.trial_id < since))).scalar_one()
         for values in conn.execute(select(*columns).where(ours)
                                    .order_by(trials.c.number, trials.c.trial_id)).all():
+            if keep is not None and values[0] < since and values[0] not in keep:
+                continue
             row = row_type()
             row.__dict__.update(zip(names, values, strict=True))
             row.__dict__.update((attr, []) for attr in children)

@@ -295,6 +295,14 @@ def test_the_storage_reads_trials_as_optuna_does(storage_url: str) -> None:
         assert_reads_only(statements, {sid}, set(ids))
         if after >= 0:  # a read again: the rows of the trials found, by id (the index)
             assert not [q for q in selects if re.search(r"\bjoin\b", q, re.I)], selects
+    # More unfinished trials than one IN (...) names: read from the oldest of them on.
+    reads._BY_ID, limit = 2, reads._BY_ID
+    try:
+        included, after = {ids[3], ids[5], ids[28]}, ids[20]
+        assert_same(storage._get_trials(sid, None, included, after),
+                    plain._get_trials(sid, None, included, after))
+    finally:
+        reads._BY_ID = limit
     # What a sampler reads: through Optuna's cache in front of the storage, then again
     # after a trial finished (only what changed).
     loaded = optuna.load_study(study_name=study.study_name, storage=storage)
