@@ -358,18 +358,16 @@ def outcome(name: str, trials: Sequence[Any], planned: int, *, verifying: bool =
     """
     from optuna.trial import TrialState
 
-    from gemma_search.promotion import is_paused
     from gemma_search.ranking import is_verification
+    from gemma_search.reads import count_states
 
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     counted = [t for t in trials if is_verification(t) == verifying
                and not (t.state == TrialState.FAIL and t.number in retried)]
-    by_state = {state: [t for t in counted if t.state == state] for state in TrialState}
-    complete, pruned = len(by_state[TrialState.COMPLETE]), len(by_state[TrialState.PRUNED])
-    paused = sum(is_paused(t) for t in counted)
-    failed = by_state[TrialState.FAIL]
-    waiting = len(by_state[TrialState.WAITING]) - paused
-    running = len(by_state[TrialState.RUNNING])
+    counts = count_states(counted)  # a paused trial counts as paused, not as waiting
+    complete, pruned, paused = counts["complete"], counts["pruned"], counts["paused"]
+    waiting, running = counts["waiting"], counts["running"]
+    failed = [t for t in counted if t.state == TrialState.FAIL]
     not_started = 0 if pausing else max(0, planned - len(counted))
     if not failed and not waiting and not running and not not_started:
         if pausing:

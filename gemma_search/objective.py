@@ -28,7 +28,6 @@ __all__ = ["Objective", "OptunaReporter", "RungDecision", "TrialPaused", "TrialP
 log = logging.getLogger("gemma_search.objective")
 
 
-
 class TrialPreempted(GemmaSearchError):
     """The worker was asked to stop; the trial checkpointed and is handed back for retry."""
 

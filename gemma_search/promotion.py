@@ -210,20 +210,17 @@ def decide_at_rung(study: Any, spec: StudySpec, number: int, evaluation: int,
     return True, cap
 
 
-def claim(study: Any, spec: StudySpec, *, budget_has_room: Callable[[list[Any]], bool],
+def claim(study: Any, spec: StudySpec, trials: list[Any], *, may_add: bool,
           checkpoint_tokens: Callable[[list[int]], int]) -> tuple[str, int | None]:
     """Under the study lock: ("run", the id of a trial set RUNNING for this worker), or
     ("wait" | "done", None).
 
-    `budget_has_room(trials)`: whether the study may add a trial (max_trials, GPU-hours).
-    `checkpoint_tokens(numbers)`: tokens of the latest checkpoint among those trials (0 when
-    none): where a retry resumes from.
+    `trials`: the study's, read under the lock. `may_add`: whether the study may add a
+    trial (max_trials, GPU-hours). `checkpoint_tokens(numbers)`: tokens of the latest
+    checkpoint among those trials (0 when none): where a retry resumes from.
     """
     from optuna.trial import TrialState
 
-    from gemma_search.reads import read_trials
-
-    trials = read_trials(study)
     storage = study._storage
     room = tokens_room(trials, spec)
     running = any(t.state == TrialState.RUNNING for t in trials)
@@ -253,9 +250,8 @@ def claim(study: Any, spec: StudySpec, *, budget_has_room: Callable[[list[Any]],
         t = next(t for t in trials if t.number == number)
         paused = t.system_attrs[PAUSED]
         evaluation, tokens = int(paused["eval"]), int(paused["tokens"])
-        target = next_rung(spec, evaluation)  # short of a rung: the one it was running to
-        cap = _cap(trials, spec, number, tokens, max(1, target - evaluation))
-        if cap is None or cap >= tokens + max(1, int(paused.get("needs", 0))):
+        fits, cap = _resume_cap(trials, spec, t)
+        if fits:
             storage.set_trial_system_attr(t._trial_id, PAUSED, None)
             storage.set_trial_user_attr(t._trial_id, PAUSED, None)
             # Who resumed it from where: a trial is resumed from each evaluation once.
@@ -272,7 +268,7 @@ def claim(study: Any, spec: StudySpec, *, budget_has_room: Callable[[list[Any]],
                                        "cap": cap})
     # 3. a new trial
     cap = _cap(trials, spec, None, 0, next_rung(spec, 0))
-    if budget_has_room(trials) and (cap is None or cap > 0):
+    if may_add and (cap is None or cap > 0):
         trial_id = storage.create_new_trial(study._study_id)
         return start(trial_id, {"start_tokens": 0, "seconds_before": 0.0, "cap": cap})
     return ("wait" if running else "done"), None
@@ -323,9 +319,15 @@ def tokens_exhausted(trials: Sequence[Any], spec: StudySpec) -> bool:
     if _cap(trials, spec, None, 0, next_rung(spec, 0)) != 0:
         return False
     number = pick(trials, spec)
-    if number is None:
-        return True
-    paused = next(t for t in trials if t.number == number).system_attrs[PAUSED]
-    tokens, evaluation = int(paused["tokens"]), int(paused["eval"])
-    cap = _cap(trials, spec, number, tokens, max(1, next_rung(spec, evaluation) - evaluation))
-    return cap is not None and cap < tokens + max(1, int(paused.get("needs", 0)))
+    return number is None or not _resume_cap(
+        trials, spec, next(t for t in trials if t.number == number))[0]
+
+
+def _resume_cap(trials: Sequence[Any], spec: StudySpec, trial: Any) -> tuple[bool, int | None]:
+    """Whether paused `trial` can be resumed now (the budget leaves room for the step it
+    stopped before, or its next rung), and the token cap of that run."""
+    paused = trial.system_attrs[PAUSED]
+    evaluation, tokens = int(paused["eval"]), int(paused["tokens"])
+    target = next_rung(spec, evaluation)  # short of a rung: the one it was running to
+    cap = _cap(trials, spec, trial.number, tokens, max(1, target - evaluation))
+    return cap is None or cap >= tokens + max(1, int(paused.get("needs", 0))), cap

@@ -424,25 +424,16 @@ def _claim_paused(study: Any, spec: StudySpec, engine: Any) -> tuple[str, int | 
     """`_claim` for a study whose trials pause at rungs: the queue, else a promotion, else a
     new trial (`promotion.claim`). `study.ask` is not used: it would pop paused trials in
     the order they paused, not by their results."""
-    import optuna
-
     from gemma_search import db
 
-    optuna.storages.fail_stale_trials(study)
-    if engine is not None:
-        _requeue_orphans(study, spec, engine)
-    budget = spec.budget
-
-    def room(trials: list[Any]) -> bool:
-        hours = budget.max_gpu_hours is None or gpu_hours_used(trials) < budget.max_gpu_hours
-        return budget_used(trials) < budget.max_trials and hours
+    trials = _claimable(study, spec, engine)
 
     def checkpoint_tokens(numbers: list[int]) -> int:
         latest = None if not numbers or engine is None else db.latest_checkpoint(
             engine, spec.name, numbers)
         return 0 if latest is None else int(latest["tokens"])
 
-    return promotion.claim(study, spec, budget_has_room=room,
+    return promotion.claim(study, spec, trials, may_add=_has_room(trials, spec),
                            checkpoint_tokens=checkpoint_tokens)
 
 
@@ -562,35 +553,51 @@ def _claim_trial(study: Any, spec: StudySpec, engine: Any = None) -> str:
     could count the same waiting trial and one of them would create a trial past the budget
     (seen on PostgreSQL with two workers: 7 trials for 6).
     """
-    import optuna
     from optuna.trial import TrialState
 
     from gemma_search.verify import SEARCH_STUDY
 
-    optuna.storages.fail_stale_trials(study)  # a dead worker's trial is re-queued first
-    if engine is not None:
-        _requeue_orphans(study, spec, engine)
-    trials = read_trials(study)  # one read, the collector paused, only what changed
+    trials = _claimable(study, spec, engine)
     if any(t.state == TrialState.WAITING for t in trials):
         return "run"
     if SEARCH_STUDY in study.user_attrs:
         # A verify companion (`STUDY.verify`) runs exactly the re-runs enqueued in it.
         return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
-    budget = spec.budget
-    hours_left = budget.max_gpu_hours is None or gpu_hours_used(trials) < budget.max_gpu_hours
     # Without pausing, `max_tokens` is a start rule like `max_gpu_hours`: a trial starts
     # while the tokens trained so far are below it, and runs to its end (each worker may
     # pass it by one trial). A pausing study reserves and stops exactly (`promotion`).
-    tokens_left = (budget.max_tokens is None
-                   or promotion.tokens_spent(trials) < budget.max_tokens)
-    if budget_used(trials) < budget.max_trials and hours_left and tokens_left:
+    max_tokens = spec.budget.max_tokens
+    tokens_left = max_tokens is None or promotion.tokens_spent(trials) < max_tokens
+    if _has_room(trials, spec) and tokens_left:
         study.enqueue_trial({}, skip_if_exists=False)
         return "run"
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
 
 
-def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
-    """Fail and re-queue RUNNING trials that no live worker runs and that never heartbeat.
+def _claimable(study: Any, spec: StudySpec, engine: Any) -> list[Any]:
+    """Under the study lock, what a claim decides on: the trials of dead workers failed and
+    re-queued first (stale heartbeats, then `_requeue_orphans`), then the study's trials,
+    read once (`read_trials`: only what changed), and again only if an orphan was
+    re-queued."""
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)
+    trials = read_trials(study)
+    if engine is not None and _requeue_orphans(study, spec, engine, trials):
+        trials = read_trials(study)
+    return trials
+
+
+def _has_room(trials: list[Any], spec: StudySpec) -> bool:
+    """Whether `budget.max_trials` and `budget.max_gpu_hours` let the study add a trial."""
+    budget = spec.budget
+    hours_left = budget.max_gpu_hours is None or gpu_hours_used(trials) < budget.max_gpu_hours
+    return budget_used(trials) < budget.max_trials and hours_left
+
+
+def _requeue_orphans(study: Any, spec: StudySpec, engine: Any, trials: list[Any]) -> bool:
+    """Fail and re-queue RUNNING trials (of `trials`, the study's) that no live worker runs
+    and that never heartbeat; whether there was any.
 
     Optuna counts a trial as stale only from its last heartbeat. A trial set RUNNING whose
     worker lost the database before the first heartbeat (a restart at that moment) has
@@ -606,15 +613,16 @@ def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
     from gemma_search import db
 
     store = spec.storage
-    running = [t for t in read_trials(study) if t.state == TrialState.RUNNING]
+    running = [t for t in trials if t.state == TrialState.RUNNING]
     if not running:
-        return
+        return False
     live = {w["current_trial"] for w in db.list_workers(engine, spec.name,
                                                          stale_after=store.grace_period)
             if w["alive"] and w["state"] == "running"}
     limit = store.grace_period + 2 * store.heartbeat_interval
     requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=store.max_retries,
                                                        inherit_intermediate_values=True)
+    requeued = False
     for t in running:
         start = t.datetime_start
         age = (datetime.now(start.tzinfo) - start).total_seconds() if start else 0.0
@@ -626,3 +634,5 @@ def _requeue_orphans(study: Any, spec: StudySpec, engine: Any) -> None:
         except (ValueError, RuntimeError):
             continue  # finished meanwhile
         requeue(study, study._storage.get_trial(t._trial_id))  # that trial, not all
+        requeued = True
+    return requeued
