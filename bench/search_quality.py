@@ -267,6 +267,8 @@ def run_study(strategy: str, seed: int, model: Path, data: Path, work: Path,
         "val_loss": t.value if t.state.name == "COMPLETE" else None,
         "accuracy": t.user_attrs.get("accuracy") if t.state.name == "COMPLETE" else None,
         "evals": len(t.intermediate_values),
+        # (evaluation, value) pairs: how early evaluations foretell the last (`correlations`)
+        "curve": sorted(t.intermediate_values.items()),
         "params": t.params,
     } for t in finished]
     return {"strategy": strategy, "seed": seed, "wall_seconds": wall, "reused": reused,
@@ -387,6 +389,45 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "wall_seconds": [r["wall_seconds"] for r in rs],
         }
     return strategies
+
+
+def correlations(runs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """For the strategies that run every trial to its end (no pruning), per evaluation k
+    before the last: Spearman's rank correlation between the complete trials' loss at k and
+    their value, the mean over seeds. Near 1, an early evaluation ranks trials as they end,
+    and stopping or pausing there costs little; near 0 or below, it misleads."""
+    from scipy.stats import spearmanr
+
+    out: dict[str, list[float | None]] = {}
+    for name in dict.fromkeys(r["strategy"] for r in runs):
+        if STRATEGIES[name]["pruner"]["type"] != "none":
+            continue
+        per_seed = []
+        for r in (r for r in runs if r["strategy"] == name):
+            done = [t for t in r["trials"] if t["val_loss"] is not None and t.get("curve")]
+            if len(done) < 3:
+                continue
+            evaluations = min(len(t["curve"]) for t in done)
+            per_seed.append([float(spearmanr([t["curve"][k][1] for t in done],
+                                             [t["val_loss"] for t in done]).statistic)
+                             for k in range(evaluations - 1)])
+        if per_seed:
+            width = min(len(row) for row in per_seed)
+            # NaN: a seed whose losses at k all tie says nothing there
+            defined = [[row[k] for row in per_seed if not math.isnan(row[k])]
+                       for k in range(width)]
+            out[name] = [statistics.mean(v) if v else None for v in defined]
+    return out
+
+
+def correlation_table(corr: dict[str, list[float | None]]) -> str:
+    width = max((len(v) for v in corr.values()), default=0)
+    lines = ["| rank correlation with the final value, at evaluation | "
+             + " | ".join(str(k + 1) for k in range(width)) + " |",
+             "|" + " --- |" * (width + 1)]
+    lines += [f"| `{name}` | " + " | ".join("n/a" if v is None else f"{v:+.2f}" for v in row)
+              + " |" for name, row in corr.items()]
+    return "\n".join(lines)
 
 
 def _ms(values: list[Any], fmt: str, scale: float = 1.0) -> str:
@@ -593,6 +634,10 @@ def docs_section(result: dict[str, Any], png: Path) -> str:
         "",
         *result["verdict"],
         "",
+        *(["How early evaluations foretell the final value (`correlations`: Spearman over "
+           "the complete trials of each seed, mean over seeds):", "",
+           correlation_table(result["correlations"]), ""]
+          if result.get("correlations") else []),
         f"![best validation loss so far vs compute, per strategy and seed]({rel_png})",
         END,
     ]
@@ -641,6 +686,7 @@ def main() -> None:
         result = json.loads(args.from_json.read_text())
         result["summary"] = summarise(result["runs"])
         result["table"], result["verdict"] = table(result["summary"]), verdict(result["summary"])
+        result["correlations"] = correlations(result["runs"])
         png = args.png or REPO / "docs" / "img" / "search_quality.png"
         plot(result["runs"], png)
         print(result["table"])
@@ -719,6 +765,7 @@ def main() -> None:
         "summary": summary,
         "table": table(summary),
         "verdict": verdict(summary),
+        "correlations": correlations(runs),
         "runs": runs,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -727,6 +774,8 @@ def main() -> None:
     print()
     print(result["table"])
     print("\n".join(result["verdict"]))
+    if result["correlations"]:
+        print(correlation_table(result["correlations"]))
     print(f"\nraw results: {out}\nplot: {png}")
     if args.write_docs:
         write_docs(docs_section(result, png))

@@ -69,6 +69,13 @@ def test_quick_run_writes_table_json_and_plot(quick_run: dict[str, Any]) -> None
         assert 0 <= run["best_accuracy"] <= 1
         tokens = [p[0] for p in run["curve"]]
         assert tokens == sorted(tokens) and tokens[-1] <= run["total_tokens"]
+    # How early evaluations foretell the last: for the strategies that prune nothing, a
+    # rank correlation per evaluation before the last, and a table of them on stdout.
+    assert set(result["correlations"]) <= {"tpe+none", "random+none"}
+    for row in result["correlations"].values():  # None: every loss tied at that evaluation
+        assert row and all(v is None or -1 <= v <= 1 for v in row)
+    if result["correlations"]:
+        assert "| rank correlation with the final value, at evaluation | 1 |" in proc.stdout
     assert png.stat().st_size > 0
 
 
