@@ -52,7 +52,7 @@ def write_report(name: str, url: str, out_dir: str | Path, *,
     nothing is written then.
 
     The trials are read from the storage once (`reads.read_trials`: one statement per
-    Optuna table, about 1 s for 10,000 trials where Optuna's `get_trials` takes 10-18 s); every
+    Optuna table, about 1 s for 10,000 trials where Optuna's `get_trials` takes 11 s); every
     part of the report (status, the leaderboard, the importances, each plot) works on that
     one list, and the importances are computed once, for the summary, the recommendation
     and the plot alike.
